@@ -1,0 +1,128 @@
+"""The whole model in memory: prefill and decode, built from :mod:`flexgraph.models.layers`.
+
+This is the plain, unscheduled forward pass — every weight and the whole KV cache in one
+place — used as the reference the executor is held to, and by the tests that compare
+the layer maths with transformers.  The executor runs the very same layer functions,
+one (token, layer, batch) square at a time, with data spread over tiers.
+
+A batch of prompts of different lengths is left-padded to a common length ``P``;
+``valid: [B, P]`` marks real tokens.  Cache slot ``t`` holds the token at column ``t`` of
+the padded sequence, so slots line up across the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+
+from flexgraph.models import layers as L
+from flexgraph.models.sampling import SamplingParams, make_generator, sample
+from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
+
+
+class KVCache:
+    """Preallocated keys and values of one attention layer: ``k, v: [B * nkv, S, D]``."""
+
+    def __init__(self, rows: int, max_len: int, head_dim: int, dtype: torch.dtype, device="cpu"):
+        self.k = torch.zeros(rows, max_len, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros(rows, max_len, head_dim, dtype=dtype, device=device)
+
+    def segments(self):
+        return [(slice(None), self.k, self.v)]
+
+
+@dataclass
+class SequenceState:
+    """Per-batch bookkeeping shared by every layer of a step."""
+    valid: torch.Tensor          # [B, S_max] bool: which cache slots hold real tokens
+    slot: int                    # first slot of the tokens being computed
+    pos: torch.Tensor            # [B, s] positions of the tokens being computed
+
+    @classmethod
+    def for_prompt(cls, valid_prompt: torch.Tensor, max_len: int) -> SequenceState:
+        # valid_prompt: [B, P] -> state for the prefill step
+        b, p = valid_prompt.shape
+        valid = torch.zeros(b, max_len, dtype=torch.bool)
+        valid[:, :p] = valid_prompt
+        return cls(valid, 0, L.positions_from_valid(valid_prompt))
+
+    def advance(self, new_tokens: int) -> None:
+        """Move to the next decode step after ``new_tokens`` were computed."""
+        self.slot += new_tokens
+        self.valid[:, self.slot] = True
+        self.pos = (self.valid[:, :self.slot + 1].sum(-1, keepdim=True) - 1)
+
+    @property
+    def key_valid(self) -> torch.Tensor:
+        return self.valid[:, :self.slot + self.pos.shape[1]]
+
+
+def layer_weights(spec: ModelSpec, j: int, lookup: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The weights of layer ``j`` by role, fetched through ``lookup(store name)``."""
+    return {L.role_of(w.name): lookup(spec.storage_name(w.name)) for w in spec.layer_weights(j)}
+
+
+def compute_layer(spec: ModelSpec, j: int, w: Mapping[str, torch.Tensor], x: torch.Tensor,
+                  st: SequenceState, segments, inv_freq: torch.Tensor | None):
+    """One square's computation. x: ids [B, s] for the embedding, else hidden [B, s, H].
+
+    Returns the layer's output (hidden [B, s, H], or logits [B, V] of the last position
+    for the head) and, for attention layers, the new ``(k, v)`` rows ``[R, s, D]``.
+    """
+    kind = spec.layer(j).kind
+    if kind == EMBED:
+        return L.embed(spec, w, x, st.pos), None
+    if kind == HEAD:
+        return L.head(spec, w, x[:, -1:])[:, 0], None
+    if kind == MLP:
+        return L.mlp(spec, w, x), None
+    cos = sin = None
+    if inv_freq is not None:
+        cos, sin = L.rope_cos_sin(inv_freq, st.pos, x.dtype)
+    h, k_new, v_new = L.attention_layer(spec, w, x, segments, st.slot, st.key_valid, cos, sin)
+    return h, (k_new, v_new)
+
+
+class InMemoryModel:
+    """A model whose weights are all in memory, with gpt-fast-style preallocated caches."""
+
+    def __init__(self, spec: ModelSpec, weights: Mapping[str, torch.Tensor], dtype: torch.dtype = torch.float32):
+        self.spec, self.dtype = spec, dtype
+        self.layer_w = [layer_weights(spec, j, lambda n: weights[n].to(dtype)) for j in range(spec.num_layers)]
+        self.inv_freq = L.rope_inv_freq(spec) if spec.family == "llama" else None
+
+    def run_step(self, x: torch.Tensor, st: SequenceState, caches: list[KVCache | None]) -> torch.Tensor:
+        # x: ids [B, s] -> logits [B, V] of the last position
+        for j in range(self.spec.num_layers):
+            cache = caches[j]
+            x, _ = compute_layer(self.spec, j, self.layer_w[j], x, st, cache.segments() if cache else None,
+                                 self.inv_freq)
+        return x
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 16, params: SamplingParams = SamplingParams(),
+                 return_logits: bool = False):
+        """Left-padded ``input_ids: [B, P]`` -> generated ids ``[B, max_new_tokens]``
+        (and the logits ``[B, max_new_tokens, V]`` they were chosen from)."""
+        b, p = input_ids.shape
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        max_len = p + max_new_tokens
+        rows = b * self.spec.num_kv_heads
+        caches = [KVCache(rows, max_len, self.spec.head_dim, self.dtype) if self.spec.layer(j).kind == ATTN
+                  else None for j in range(self.spec.num_layers)]
+        st = SequenceState.for_prompt(valid, max_len)
+        gen = make_generator(params)
+        x, out, all_logits = input_ids, [], []
+        for step in range(max_new_tokens):
+            logits = self.run_step(x, st, caches)
+            nxt = sample(logits, params, gen)
+            out.append(nxt)
+            all_logits.append(logits)
+            if step + 1 < max_new_tokens:
+                st.advance(x.shape[1])
+                x = nxt[:, None]
+        ids = torch.stack(out, dim=1)
+        return (ids, torch.stack(all_logits, dim=1)) if return_logits else ids

@@ -1,0 +1,262 @@
+"""Layer maths as small pure functions, for prefill and for decode with a KV cache.
+
+Every function takes tensors and returns tensors; none keeps state or moves data
+between tiers (that is the executor's job).  The functions follow Hugging Face
+transformers' order of operations, so float32 results agree to rounding.
+
+Shapes (``B`` sequences, ``s`` new tokens, ``T`` keys so far, ``H`` hidden size,
+``D`` head dim, ``nh`` query heads, ``nkv`` KV heads, ``g = nh // nkv``, ``R = B * nkv``):
+
+- hidden states ``h: [B, s, H]``
+- queries, grouped by the KV head they share: ``q: [R, g * s, D]`` — GQA is a reshape,
+  never a ``repeat`` of K/V
+- a KV cache buffer ``k, v: [R, S, D]`` (row ``b * nkv + n``), of which ``[:, :T]`` is valid
+- key validity (left padding): ``key_valid: [B, T]`` bool
+
+Weights come in as a mapping from *role* (the Hugging Face name with the model and block
+prefix removed, e.g. ``"self_attn.q_proj.weight"``) to tensor; see :func:`role_of`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from flexgraph.models.spec import ModelSpec
+
+Weights = Mapping[str, torch.Tensor]
+
+_MASKED = torch.finfo(torch.float32).min   # finite, so a fully masked row stays finite (no NaN)
+
+
+def role_of(name: str) -> str:
+    """``model.layers.3.mlp.up_proj.weight`` -> ``mlp.up_proj.weight``; ``lm_head.weight`` stays."""
+    parts = name.split(".")
+    if "layers" in parts:
+        return ".".join(parts[parts.index("layers") + 2:])
+    while parts and parts[0] in ("model", "decoder"):
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+# ---- activations and norms --------------------------------------------------------------
+def activation(spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
+    act = spec.activation
+    if act == "relu":
+        return F.relu(x)
+    if act == "silu":
+        return F.silu(x)
+    if act == "gelu":
+        return F.gelu(x)
+    return F.gelu(x, approximate="tanh")
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # x: [..., H] -> [..., H]; computed in float32 as transformers does
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def layer_norm(x: torch.Tensor, w: Weights, prefix: str, spec: ModelSpec) -> torch.Tensor:
+    # x: [..., H] -> [..., H]
+    return F.layer_norm(x, (x.shape[-1],), w.get(f"{prefix}.weight"), w.get(f"{prefix}.bias"), 1e-5)
+
+
+def linear(x: torch.Tensor, w: Weights, prefix: str) -> torch.Tensor:
+    return F.linear(x, w[f"{prefix}.weight"], w.get(f"{prefix}.bias"))
+
+
+# ---- positions and RoPE -----------------------------------------------------------------
+def positions_from_valid(valid: torch.Tensor) -> torch.Tensor:
+    # valid: [B, T] bool -> positions [B, T] long; padding gets position 0 (its output is never used)
+    pos = valid.long().cumsum(-1) - 1
+    return pos.clamp_min(0)
+
+
+def rope_inv_freq(spec: ModelSpec) -> torch.Tensor:
+    """Inverse frequencies [D/2] in float32, with linear or Llama-3 scaling applied."""
+    d = spec.head_dim
+    inv = 1.0 / (spec.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = spec.rope_scaling_dict
+    kind = sc.get("rope_type", "default")
+    if kind == "linear":
+        return inv / sc["factor"]
+    if kind == "llama3":
+        factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+        old = sc["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+        return torch.where(medium, smoothed, scaled)
+    return inv
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):
+    # pos: [B, s] -> cos, sin: [B, s, D] in ``dtype`` (computed in float32 first)
+    freqs = pos[..., None].float() * inv_freq.to(pos.device)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [B, s, n, D]; cos, sin: [B, s, D]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# ---- embedding ----------------------------------------------------------------------------
+def embed(spec: ModelSpec, w: Weights, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    # ids, pos: [B, s] -> h: [B, s, H]
+    x = F.embedding(ids, w["embed_tokens.weight"])
+    if spec.family == "llama":
+        return x
+    if spec.word_embed_proj_dim:
+        x = F.linear(x, w["project_in.weight"])
+    # OPT's learned positions are offset by 2; padding (valid-count 0) maps to index 1
+    return x + F.embedding(pos + 2, w["embed_positions.weight"])
+
+
+# ---- attention --------------------------------------------------------------------------
+def attention_mask(key_valid: torch.Tensor, q_slots: torch.Tensor, spec: ModelSpec, groups: int) -> torch.Tensor:
+    """Which keys each query row may see.
+
+    key_valid: [B, T] bool; q_slots: [s] cache slot of each new token -> [B, 1, g*s, T] bool,
+    broadcastable over the KV heads of a batch row.  Causal by cache slot; Mistral's
+    sliding window also by slot (left padding shifts query and key alike).
+    """
+    t = key_valid.shape[-1]
+    k_slots = torch.arange(t, device=key_valid.device)
+    allowed = k_slots[None, :] <= q_slots[:, None]                      # [s, T]
+    if spec.sliding_window:
+        allowed &= k_slots[None, :] > q_slots[:, None] - spec.sliding_window
+    allowed = allowed.repeat(groups, 1)                                 # [g*s, T]
+    return key_valid[:, None, None, :] & allowed[None, None]            # [B, 1, g*s, T]
+
+
+def attention_qkv(spec: ModelSpec, w: Weights, x: torch.Tensor, cos: torch.Tensor | None,
+                  sin: torch.Tensor | None):
+    """Project normalised hidden states to grouped queries and new keys and values.
+
+    x: [B, s, H] -> q: [R, g*s, D] (scaled for OPT), k, v: [R, s, D]
+    """
+    b, s, _ = x.shape
+    nkv, d, g = spec.num_kv_heads, spec.head_dim, spec.num_heads // spec.num_kv_heads
+    if spec.family == "opt":
+        q = linear(x, w, "self_attn.q_proj") * (d ** -0.5)   # OPT scales before the product
+    else:
+        q = linear(x, w, "self_attn.q_proj")
+    k = linear(x, w, "self_attn.k_proj")
+    v = linear(x, w, "self_attn.v_proj")
+    q = q.view(b, s, nkv * g, d)
+    k = k.view(b, s, nkv, d)
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    # [B, s, nkv, g, D] -> [B, nkv, g, s, D] -> [R, g*s, D]
+    q = q.view(b, s, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b * nkv, g * s, d)
+    k = k.permute(0, 2, 1, 3).reshape(b * nkv, s, d)
+    v = v.view(b, s, nkv, d).permute(0, 2, 1, 3).reshape(b * nkv, s, d)
+    return q, k, v
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention over one set of cache rows.
+
+    q: [r, g*s, D]; k, v: [r, T, D]; allowed: [r, g*s, T] bool (broadcastable) -> [r, g*s, D]
+    Softmax in float32, as transformers' eager path.
+    """
+    scores = torch.matmul(q, k.transpose(-1, -2)).float()
+    if scale != 1.0:
+        scores = scores * scale
+    scores = scores.masked_fill(~allowed, _MASKED)
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def attention_output(spec: ModelSpec, w: Weights, o: torch.Tensor, b: int, s: int) -> torch.Tensor:
+    # o: [R, g*s, D] -> [B, s, H]
+    nkv, d, g = spec.num_kv_heads, spec.head_dim, spec.num_heads // spec.num_kv_heads
+    o = o.view(b, nkv, g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, nkv * g * d)
+    return linear(o, w, "self_attn.out_proj" if spec.family == "opt" else "self_attn.o_proj")
+
+
+def attention_norm(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor:
+    # h: [B, s, H] -> [B, s, H] the input of the projections (identity for post-LN OPT)
+    if spec.family == "llama":
+        return rms_norm(h, w["input_layernorm.weight"], spec.norm_eps)
+    return layer_norm(h, w, "self_attn_layer_norm", spec) if spec.do_layer_norm_before else h
+
+
+def attention_residual(spec: ModelSpec, w: Weights, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # h, out: [B, s, H] -> [B, s, H]
+    h = h + out
+    if spec.family == "opt" and not spec.do_layer_norm_before:
+        h = layer_norm(h, w, "self_attn_layer_norm", spec)
+    return h
+
+
+def attention_scale(spec: ModelSpec) -> float:
+    return 1.0 if spec.family == "opt" else spec.head_dim ** -0.5
+
+
+# ---- MLP ----------------------------------------------------------------------------------
+def mlp(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor:
+    # h: [B, s, H] -> [B, s, H], norm and residual included
+    if spec.family == "llama":
+        x = rms_norm(h, w["post_attention_layernorm.weight"], spec.norm_eps)
+        x = linear(activation(spec, linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
+        return h + x
+    x = layer_norm(h, w, "final_layer_norm", spec) if spec.do_layer_norm_before else h
+    x = linear(activation(spec, linear(x, w, "fc1")), w, "fc2")
+    h = h + x
+    return h if spec.do_layer_norm_before else layer_norm(h, w, "final_layer_norm", spec)
+
+
+# ---- output head ------------------------------------------------------------------------
+def head(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor:
+    # h: [B, s, H] -> logits [B, s, V] in float32
+    if spec.family == "llama":
+        h = rms_norm(h, w["norm.weight"], spec.norm_eps)
+    else:
+        if spec.final_layer_norm:
+            h = layer_norm(h, w, "final_layer_norm", spec)
+        if spec.word_embed_proj_dim:
+            h = F.linear(h, w["project_out.weight"])
+    return F.linear(h, w["lm_head.weight"]).float()
+
+
+# ---- one attention layer over a cache split into row segments -------------------------------
+def attention_layer(spec: ModelSpec, w: Weights, h: torch.Tensor, segments, slot: int,
+                    key_valid: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    """Norm, projections, cache update, attention and residual of one attention layer.
+
+    h: [B, s, H]; key_valid: [B, slot + s] bool.  ``segments`` lists ``(rows, k, v)``
+    with ``rows`` a ``slice`` of the ``R = B * nkv`` cache rows and ``k, v: [r, S, D]``
+    buffers for those rows; the new keys and values are written at ``[slot, slot + s)``
+    and attention reads ``[:, :slot + s]``.  Segments let the cache live on several
+    tiers: each is attended where it is.  Returns ``(h_out [B, s, H], k_new, v_new)``
+    with ``k_new, v_new: [R, s, D]``.
+    """
+    b, s, _ = h.shape
+    g = spec.num_heads // spec.num_kv_heads
+    q, k_new, v_new = attention_qkv(spec, w, attention_norm(spec, w, h), cos, sin)
+    allowed = attention_mask(key_valid, torch.arange(slot, slot + s, device=h.device), spec, g)
+    allowed = allowed.expand(b, spec.num_kv_heads, g * s, slot + s).reshape(b * spec.num_kv_heads, g * s, slot + s)
+    scale = attention_scale(spec)
+    outs = []
+    for rows, k_buf, v_buf in segments:
+        k_buf[:, slot:slot + s] = k_new[rows].to(k_buf.device, k_buf.dtype)
+        v_buf[:, slot:slot + s] = v_new[rows].to(v_buf.device, v_buf.dtype)
+        o = attend(q[rows].to(k_buf.device), k_buf[:, :slot + s], v_buf[:, :slot + s],
+                   allowed[rows].to(k_buf.device), scale)
+        outs.append(o.to(h.device, h.dtype))
+    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+    return attention_residual(spec, w, h, attention_output(spec, w, o, b, s)), k_new, v_new
