@@ -167,18 +167,35 @@ def attention_qkv(spec: ModelSpec, w: Weights, x: torch.Tensor, cos: torch.Tenso
     return q, k, v
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled dot-product attention over one set of cache rows.
+SCORES_CHUNK_BYTES = 64 << 20   # float32 scores of one query chunk, all rows together
 
-    q: [r, g*s, D]; k, v: [r, T, D]; allowed: [r, g*s, T] bool (broadcastable) -> [r, g*s, D]
-    Softmax in float32, as transformers' eager path.
+
+def attention_chunk_rows(rows: int, q_len: int, keys: int) -> int:
+    """How many query rows :func:`attend` processes at once, so that the float32 scores
+    of a chunk (``rows x chunk x keys``) stay within ``SCORES_CHUNK_BYTES``."""
+    return max(1, min(q_len, SCORES_CHUNK_BYTES // max(1, rows * keys * 4)))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention over one set of cache rows, in query chunks.
+
+    q: [r, g*s, D]; k, v: [r, T, D]; allowed: [r, g*s, T] bool -> [r, g*s, D]
+    Softmax in float32, as transformers' eager path.  Chunking the queries bounds the
+    workspace of a long prefill (scores would otherwise be ``r * (g*s) * T`` floats).
     """
-    scores = torch.matmul(q, k.transpose(-1, -2)).float()
-    if scale != 1.0:
-        scores = scores * scale
-    scores = scores.masked_fill(~allowed, _MASKED)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+    r, q_len, _ = q.shape
+    chunk = attention_chunk_rows(r, q_len, k.shape[1])
+    kt = k.transpose(-1, -2)
+    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
+    for start in range(0, q_len, chunk):
+        stop = min(q_len, start + chunk)
+        scores = torch.matmul(q[:, start:stop], kt).float()
+        if scale != 1.0:
+            scores *= scale
+        scores.masked_fill_(~allowed[:, start:stop], _MASKED)
+        probs = torch.softmax(scores, dim=-1).to(v.dtype)
+        torch.matmul(probs, v, out=out[:, start:stop])
+    return out
 
 
 def attention_output(spec: ModelSpec, w: Weights, o: torch.Tensor, b: int, s: int) -> torch.Tensor:

@@ -1,0 +1,137 @@
+"""The ``flexgraph`` command: ``plan``, ``execute``, ``convert`` and ``verify``.
+
+Every user error (a :class:`~flexgraph.errors.FlexgraphError`) is printed as one line,
+``error: ...``, with exit status 2; Ctrl-C exits with 130 after cleaning up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from flexgraph.errors import FlexgraphError
+
+
+def _percent(values: list[str]) -> tuple[float, ...]:
+    try:
+        nums = tuple(float(v) for v in values)
+    except ValueError:
+        raise FlexgraphError(f"--percent takes six numbers (W_GPU W_CPU KV_GPU KV_CPU ACT_GPU ACT_CPU), "
+                             f"got {' '.join(values)}") from None
+    return nums
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, defaults: bool) -> None:
+    d = (lambda v: v) if defaults else (lambda v: None)
+    g = p.add_argument_group("sampling" + ("" if defaults else " (override the plan's)"))
+    g.add_argument("--do-sample", action="store_true", default=d(False) if defaults else None,
+                   help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=d(1.0))
+    g.add_argument("--top-k", type=int, default=d(0), help="0 = off")
+    g.add_argument("--top-p", type=float, default=d(1.0), help="1.0 = off")
+    g.add_argument("--seed", type=int, default=d(0), help="sampling seed")
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                   help="stop string (repeatable; needs a tokenizer)")
+    g.add_argument("--ignore-eos", action="store_true", default=d(False) if defaults else None,
+                   help="always generate --gen-len tokens (FlexGen's benchmark does)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flexgraph", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-format", choices=("console", "json"), default=None,
+                        help="log lines on stderr: human-readable (default) or JSON lines")
+    parser.add_argument("--log-level", default=None, help="debug, info (default), warning")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="choose a policy and a valid traversal; write plan.json")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="model folder, .gguf file, built-in id (with --dummy) or 'smollm2-135m' (default)")
+    p.add_argument("--dummy", action="store_true", help="random weights of the model's architecture")
+    p.add_argument("--dummy-seed", type=int, default=0)
+    p.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
+    w = p.add_argument_group("workload")
+    w.add_argument("--prompt-len", type=int, default=512)
+    w.add_argument("--gen-len", type=int, default=32)
+    w.add_argument("--num-prompts", type=int, default=None,
+                   help="prompts to plan for (default: one block, or 32)")
+    pol = p.add_argument_group("policy (left out = chosen automatically)")
+    pol.add_argument("--percent", nargs=6, metavar="P", default=None,
+                     help="W_GPU W_CPU KV_GPU KV_CPU ACT_GPU ACT_CPU; disk gets the rest")
+    pol.add_argument("--gpu-batch-size", type=int, default=None)
+    pol.add_argument("--num-gpu-batches", type=int, default=None)
+    pol.add_argument("--schedule", choices=("row", "zigzag"), default=None)
+    pol.add_argument("--no-prefetch", action="store_true", help="load each input right before its compute")
+    pol.add_argument("--compress-weight", action="store_true")
+    pol.add_argument("--compress-cache", action="store_true")
+    pol.add_argument("--cpu-cache-compute", action="store_true")
+    pol.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="working dtype (default: bfloat16 on CPU, float16 on CUDA)")
+    hw = p.add_argument_group("hardware (left out = detected)")
+    hw.add_argument("--device", choices=("cpu", "cuda"), default=None)
+    hw.add_argument("--gpu-mem", default=None, help="gpu tier size; on a CPU-only machine, simulates one")
+    hw.add_argument("--cpu-mem", default=None)
+    hw.add_argument("--disk-mem", default=None)
+    hw.add_argument("--offload-dir", default=None, help="where disk-tier data lives")
+    _add_sampling_args(p, defaults=True)
+    return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from flexgraph.graph.builder import Workload
+    from flexgraph.hardware import detect_hardware
+    from flexgraph.log import get_logger
+    from flexgraph.models.sampling import SamplingParams
+    from flexgraph.plan.planfile import save_plan
+    from flexgraph.plan.planner import Knobs, make_plan
+    from flexgraph.plan.summary import plan_summary
+    from flexgraph.weights.resolve import resolve_model
+
+    log = get_logger("flexgraph.plan")
+    t0 = time.perf_counter()
+    ref = resolve_model(args.model, dummy=args.dummy, seed=args.dummy_seed)
+    hardware = detect_hardware(device=args.device, gpu_mem=args.gpu_mem, cpu_mem=args.cpu_mem,
+                               disk_mem=args.disk_mem, offload_dir=args.offload_dir)
+    num_prompts = args.num_prompts
+    if num_prompts is None:
+        num_prompts = (args.gpu_batch_size * args.num_gpu_batches
+                       if args.gpu_batch_size and args.num_gpu_batches else 32)
+    workload = Workload(num_prompts, args.prompt_len, args.gen_len)
+    sampling = SamplingParams(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()),
+                              ignore_eos=args.ignore_eos)
+    knobs = Knobs(gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
+                  percent=_percent(args.percent) if args.percent else None, schedule=args.schedule,
+                  dtype=args.dtype, compress_weight=args.compress_weight, compress_cache=args.compress_cache,
+                  cpu_cache_compute=args.cpu_cache_compute, prefetch=not args.no_prefetch)
+    if workload.prompt_len + workload.gen_len > ref.spec.max_position_embeddings:
+        raise FlexgraphError(f"--prompt-len {workload.prompt_len} + --gen-len {workload.gen_len} exceed the "
+                             f"model's {ref.spec.max_position_embeddings} positions; shorten them")
+    plan = make_plan(ref, workload, sampling, hardware.to_json(), knobs)
+    save_plan(plan, args.out)
+    elapsed = time.perf_counter() - t0
+    print(plan_summary(plan))
+    log.info("plan_written", out=args.out, nodes=len(plan.path), seconds=round(elapsed, 2))
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from flexgraph.log import configure
+    configure(args.log_format, args.log_level)
+    try:
+        return COMMANDS[args.command](args)
+    except FlexgraphError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; finished work was kept, partial outputs removed", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,232 @@
+"""The planner: knobs the user gave + a rule for the rest -> a checked Plan.
+
+``make_plan`` fills in what the user left out (see :func:`choose_policy`), builds the
+task graph, lays the traversal path, checks it against the four rules, and returns a
+:class:`~flexgraph.plan.planfile.Plan`.  A plan that breaks a rule is never returned.
+
+The automatic rule (until the cost-model search replaces it) is simple and stated in
+every plan's ``chosen.notes``:
+
+1. GPU batch size ``min(num_prompts, 32)``; number of GPU batches
+   ``min(ceil(num_prompts / gpu_batch_size), 8)``; zig-zag when there is more than one
+   GPU batch, else row (the two coincide then).
+2. Placement fills the fastest tiers first: activations, then KV cache, then weights
+   (small and hot data first).  Each kind's share of the compute tier, then of the cpu
+   tier, is lowered in steps of 10% until the plan fits every tier.  A candidate is
+   screened by its static homes plus an upper bound of its working set (measured on a
+   two-block copy of the model with nothing homed on the compute tier), then checked
+   in full.
+3. If nothing fits, the GPU batch size is halved (unless the user fixed it) and the
+   search repeats.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import networkx as nx
+
+from flexgraph.errors import PlanError, RuleViolation
+from flexgraph.graph.builder import Workload, build_graph, make_sizes, static_homes
+from flexgraph.models.sampling import SamplingParams
+from flexgraph.models.spec import ModelSpec
+from flexgraph.plan.checker import CheckedPath, check_path
+from flexgraph.plan.planfile import Plan
+from flexgraph.plan.policy import TIERS, Policy, Split, weight_placement
+from flexgraph.plan.traversal import make_path
+from flexgraph.sizes import format_size
+
+MAX_FULL_CHECKS = 8
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """What the user asked for; ``None`` means "choose for me"."""
+    gpu_batch_size: int | None = None
+    num_gpu_batches: int | None = None
+    percent: tuple[float, float, float, float, float, float] | None = None
+    schedule: str | None = None
+    dtype: str | None = None
+    compress_weight: bool = False
+    compress_cache: bool = False
+    cpu_cache_compute: bool = False
+    prefetch: bool = True
+
+
+def capacities(hardware: dict) -> dict[str, int | None]:
+    return {"gpu": hardware.get("gpu_mem"), "cpu": hardware.get("cpu_mem"), "disk": hardware.get("disk_mem")}
+
+
+def default_dtype(device: str) -> str:
+    # bfloat16 matmuls are several times faster than float32 on AMX CPUs; float16 on CUDA
+    return "float16" if device == "cuda" else "bfloat16"
+
+
+def _not_yet(knobs: Knobs) -> None:
+    for flag, on in (("--compress-weight", knobs.compress_weight), ("--compress-cache", knobs.compress_cache),
+                     ("--cpu-cache-compute", knobs.cpu_cache_compute)):
+        if on:
+            raise PlanError(f"{flag} is not supported yet (4-bit compression and attention where the cache "
+                            "lives are planned); leave it out")
+
+
+def _splits(has_gpu: bool) -> list[Split]:
+    """Splits of one kind of data, fastest first: compute-tier share down, then cpu share down."""
+    out = []
+    if has_gpu:
+        for g in range(100, -1, -10):
+            for c in range(100 - g, -1, -10):
+                out.append(Split(g, c))
+    else:
+        out = [Split(0, c) for c in range(100, -1, -10)]
+    return out
+
+
+def _candidates(has_gpu: bool) -> Iterator[tuple[Split, Split, Split]]:
+    """(weights, cache, activations), in the order of the rule: activations keep the fastest
+    split longest, then the cache, and the weights give way first."""
+    splits = _splits(has_gpu)
+    for a in splits:
+        for c in splits:
+            for w in splits:
+                yield w, c, a
+
+
+class _HomeSizes:
+    """Static home bytes per tier of each weight split and each cache split, computed once
+    per batch shape so that ruling out a candidate costs a few additions."""
+
+    def __init__(self, spec: ModelSpec, workload: Workload, base: Policy, has_gpu: bool):
+        self.spec, self.workload, self.base, self.has_gpu = spec, workload, base, has_gpu
+        self._w: dict[Split, dict[str, int]] = {}
+        self._c: dict[Split, dict[str, int]] = {}
+
+    def _sum(self, policy: Policy, kind: str) -> dict[str, int]:
+        used = dict.fromkeys(TIERS, 0)
+        sz = make_sizes(self.spec, policy, self.has_gpu)
+        for buf, tier, nbytes in static_homes(self.spec, self.workload, policy, sz):
+            if buf[0] == kind:
+                used[tier] += nbytes
+        return used
+
+    def homes(self, w: Split, c: Split) -> dict[str, int]:
+        if w not in self._w:
+            self._w[w] = self._sum(replace(self.base, weights=w), "Wh")
+        if c not in self._c:
+            self._c[c] = self._sum(replace(self.base, cache=c), "Ch")
+        return {t: self._w[w][t] + self._c[c][t] for t in TIERS}
+
+
+def _fits(used: dict[str, int], cap: dict[str, int | None]) -> bool:
+    return all(not used[t] or (cap[t] is not None and used[t] <= cap[t]) for t in TIERS)
+
+
+def working_set(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool,
+                prefetch: bool = True) -> dict[str, int]:
+    """Peak bytes per tier above the static homes — working buffers, activations in flight,
+    workspace — measured by checking the same policy on a two-block copy of the model.
+
+    Every block of a model has the same shape and a path only ever holds a window of
+    adjacent layers, so the working set of the full model is that of the small copy.
+    """
+    small = replace(spec, num_blocks=min(spec.num_blocks, 2))
+    _graph, checked = plan_for_policy(small, workload, policy, has_gpu, dict.fromkeys(TIERS, 1 << 62), prefetch)
+    return {t: checked.peak[t] - checked.home_bytes[t] for t in TIERS}
+
+
+def plan_for_policy(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool,
+                    cap: dict[str, int | None], prefetch: bool = True,
+                    keep_timeline: bool = False) -> tuple[nx.DiGraph, CheckedPath]:
+    """Build, lay and check the path of one policy; raises RuleViolation if it does not fit."""
+    graph = build_graph(spec, workload, policy, has_gpu)
+    path = make_path(graph, policy.schedule, prefetch=prefetch)
+    return graph, check_path(graph, path, cap, keep_timeline=keep_timeline)
+
+
+def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Knobs):
+    """Fill in the knobs the user left out; returns (policy, graph, checked, notes)."""
+    _not_yet(knobs)
+    cap = capacities(hardware)
+    has_gpu = cap["gpu"] is not None
+    dtype = knobs.dtype or default_dtype(hardware.get("device", "cpu"))
+    notes = []
+    gbs = knobs.gpu_batch_size or min(workload.num_prompts, 32)
+    last_error: RuleViolation | None = None
+    full_checks = 0
+    while True:
+        ngb = knobs.num_gpu_batches or min(math.ceil(workload.num_prompts / gbs), 8)
+        schedule = knobs.schedule or ("zigzag" if ngb > 1 else "row")
+        base = Policy(gbs, ngb, Split(0, 100), Split(0, 100), Split(0, 100), schedule=schedule, dtype=dtype)
+        if knobs.percent is not None:
+            p = knobs.percent
+            candidates = iter([(Split(p[0], p[1]), Split(p[2], p[3]), Split(p[4], p[5]))])
+        else:
+            candidates = _candidates(has_gpu)
+        homes = _HomeSizes(spec, workload, base, has_gpu)
+        # Working sets are largest when nothing is homed on the compute tier (every weight
+        # and cache row needs a working copy there): that bound, per activation split,
+        # screens candidates without building their graphs.
+        off = Split(0, 100) if has_gpu else Split(0, 0)
+        bound: dict[Split, dict[str, int]] = {}
+        for w, c, a in candidates:
+            policy = replace(base, weights=w, cache=c, activations=a)
+            if knobs.percent is None:
+                home = homes.homes(w, c)
+                if not _fits(home, cap):
+                    continue
+                if a not in bound:
+                    bound[a] = working_set(spec, workload, replace(base, weights=off, cache=off, activations=a),
+                                           has_gpu, knobs.prefetch)
+                if not _fits({t: home[t] + bound[a][t] for t in TIERS}, cap):
+                    continue
+            try:
+                graph, checked = plan_for_policy(spec, workload, policy, has_gpu, cap, knobs.prefetch)
+            except RuleViolation as e:
+                last_error = e
+                full_checks += 1
+                if knobs.percent is not None or full_checks >= MAX_FULL_CHECKS:
+                    break
+                continue
+            if knobs.gpu_batch_size is None:
+                notes.append(f"gpu batch size {gbs} = min(num_prompts, 32), halved until a placement fits")
+            if knobs.num_gpu_batches is None:
+                notes.append(f"{ngb} GPU batches = min(ceil(num_prompts / gpu batch size), 8)")
+            if knobs.percent is None:
+                notes.append("placement: fastest tiers first (activations, then cache, then weights), "
+                             "lowered in 10% steps until every tier fits")
+            return policy, graph, checked, notes
+        if knobs.gpu_batch_size is not None or gbs == 1 or knobs.percent is not None:
+            break
+        gbs = max(1, gbs // 2)
+    why = f" ({last_error})" if last_error else ""
+    total = spec.num_parameters() * Policy(1, 1, Split(0, 100), Split(0, 100), Split(0, 100), dtype=dtype).itemsize
+    raise PlanError(f"no policy fits this machine{why}; the weights alone are {format_size(total)} — give more "
+                    "--cpu-mem/--disk-mem (or a larger --offload-dir disk), or lower --gpu-batch-size / --prompt-len")
+
+
+def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware: dict, knobs: Knobs) -> Plan:
+    """Plan a run; ``model_ref`` has ``spec`` and ``to_json()`` (see flexgraph.weights.resolve)."""
+    spec: ModelSpec = model_ref.spec
+    policy, graph, checked, notes = choose_policy(spec, workload, hardware, knobs)
+    sz = make_sizes(spec, policy, hardware.get("gpu_mem") is not None)
+    placement = weight_placement(spec, policy.weights, policy.itemsize)
+    user_set = knobs.percent is not None and knobs.gpu_batch_size is not None and knobs.num_gpu_batches is not None
+    return Plan(
+        model=model_ref.to_json(), spec=spec.to_dict(), workload=workload, sampling=sampling, hardware=hardware,
+        policy=policy, path=checked.path, prefetch=knobs.prefetch,
+        placement={"weights_achieved": placement.achieved(), "cache_rows": list(sz.kv_rows),
+                   "act_rows": list(sz.act_rows), "compute_tier": sz.compute_tier},
+        residency={"capacity": capacities(hardware), "home": checked.home_bytes, "peak": checked.peak},
+        chosen={"by": "user" if user_set else "auto", "notes": notes},
+    )
+
+
+def replay_plan(plan: Plan, keep_timeline: bool = False) -> tuple[nx.DiGraph, CheckedPath]:
+    """Rebuild a plan's graph and re-check its stored path (the executor and the renderer
+    work from this; a plan edited into breaking a rule is rejected here)."""
+    spec = ModelSpec.from_hf_config(plan.model["config"], name=plan.model.get("name"))
+    cap = capacities(plan.hardware)
+    graph = build_graph(spec, plan.workload, plan.policy, cap["gpu"] is not None)
+    return graph, check_path(graph, plan.path, cap, keep_timeline=keep_timeline)

@@ -1,0 +1,167 @@
+"""The policy: how a run is shaped and where each kind of data lives.
+
+FlexGen-compatible knobs (``--percent W_GPU W_CPU KV_GPU KV_CPU ACT_GPU ACT_CPU``, disk
+gets the rest; ``--gpu-batch-size``; ``--num-gpu-batches``), the traversal
+(``row`` or ``zigzag``), and the working dtype.
+
+Placement turns percentages into concrete homes:
+
+- **weights** are placed per layer by cumulative size, as FlexGen does: a tensor goes to
+  the tier whose percentage range contains the midpoint of its byte range within its
+  layer.  Every layer is split the same way, so the split actually achieved can differ
+  from the request (a layer of one tensor cannot be split); :func:`weight_placement`
+  reports it.
+- **KV cache** and **activations** are split at tensor granularity: each cache tensor
+  (one attention layer, one GPU batch) and each hidden-state tensor is divided by rows —
+  ``batch x kv_head`` rows for the cache, batch rows for activations — with each tier
+  holding a contiguous run of rows in the proportions asked for (largest remainder).
+  Any mix is valid for all three kinds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from flexgraph.errors import PlanError
+from flexgraph.models.spec import ModelSpec
+
+TIERS = ("gpu", "cpu", "disk")
+SCHEDULES = ("row", "zigzag")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Split:
+    """Percentages on gpu, cpu and disk; disk is whatever the first two leave."""
+    gpu: float
+    cpu: float
+
+    def __post_init__(self):
+        for name, v in (("gpu", self.gpu), ("cpu", self.cpu)):
+            if not 0 <= v <= 100:
+                raise PlanError(f"a {name} percentage must be within 0..100 (got {v:g})")
+        if self.gpu + self.cpu > 100 + 1e-9:
+            raise PlanError(f"gpu {self.gpu:g}% + cpu {self.cpu:g}% exceed 100%; disk takes the rest")
+
+    @property
+    def disk(self) -> float:
+        return max(0.0, 100.0 - self.gpu - self.cpu)
+
+    def fractions(self) -> tuple[float, float, float]:
+        return self.gpu / 100, self.cpu / 100, self.disk / 100
+
+    def as_list(self) -> list[float]:
+        return [self.gpu, self.cpu, self.disk]
+
+
+@dataclass(frozen=True)
+class Policy:
+    gpu_batch_size: int
+    num_gpu_batches: int
+    weights: Split
+    cache: Split
+    activations: Split
+    schedule: str = "zigzag"
+    dtype: str = "bfloat16"
+    compress_weight: bool = False
+    compress_cache: bool = False
+    cpu_cache_compute: bool = False
+
+    def __post_init__(self):
+        if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
+            raise PlanError("--gpu-batch-size and --num-gpu-batches must be at least 1")
+        if self.schedule not in SCHEDULES:
+            raise PlanError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.dtype not in DTYPES:
+            raise PlanError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+
+    @property
+    def block_size(self) -> int:
+        return self.gpu_batch_size * self.num_gpu_batches
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return DTYPES[self.dtype].itemsize
+
+    def percent_args(self) -> list[float]:
+        """The six numbers of FlexGen's ``--percent``."""
+        return [self.weights.gpu, self.weights.cpu, self.cache.gpu, self.cache.cpu,
+                self.activations.gpu, self.activations.cpu]
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for key in ("weights", "cache", "activations"):
+            d[key] = getattr(self, key).as_list()
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Policy:
+        d = dict(d)
+        for key in ("weights", "cache", "activations"):
+            gpu, cpu, _disk = d[key]
+            d[key] = Split(gpu, cpu)
+        return cls(**d)
+
+
+def split_rows(rows: int, split: Split) -> tuple[int, int, int]:
+    """Divide ``rows`` into contiguous gpu, cpu, disk runs by largest remainder."""
+    exact = [f * rows for f in split.fractions()]
+    counts = [int(x) for x in exact]
+    order = sorted(range(3), key=lambda t: (exact[t] - counts[t], -t), reverse=True)
+    for t in order[: rows - sum(counts)]:
+        counts[t] += 1
+    return counts[0], counts[1], counts[2]
+
+
+def row_ranges(counts: tuple[int, int, int]) -> dict[str, slice]:
+    """``(2, 3, 0)`` -> ``{"gpu": slice(0, 2), "cpu": slice(2, 5)}`` (empty tiers left out)."""
+    out, start = {}, 0
+    for tier, n in zip(TIERS, counts):
+        if n:
+            out[tier] = slice(start, start + n)
+        start += n
+    return out
+
+
+@dataclass(frozen=True)
+class WeightPlacement:
+    """Home tier of every weight tensor, per FlexGen layer."""
+    tiers: tuple[tuple[tuple[str, str], ...], ...]     # per layer: ((name, tier), ...)
+    bytes_per_tier: tuple[dict[str, int], ...] = field(compare=False)  # per layer
+
+    def layer(self, j: int) -> dict[str, str]:
+        return dict(self.tiers[j])
+
+    def achieved(self) -> dict[str, float]:
+        """Percent of all weight bytes homed on each tier (as actually placed)."""
+        tot = {t: sum(b.get(t, 0) for b in self.bytes_per_tier) for t in TIERS}
+        total = sum(tot.values()) or 1
+        return {t: 100.0 * tot[t] / total for t in TIERS}
+
+
+def weight_placement(spec: ModelSpec, split: Split, itemsize: int) -> WeightPlacement:
+    """FlexGen's rule: within each layer, a tensor's home is chosen by the midpoint of its
+    cumulative byte range against the gpu / cpu / disk percentage boundaries."""
+    gpu_f, cpu_f, _ = split.fractions()
+    tiers, per_tier = [], []
+    for j in range(spec.num_layers):
+        ws = spec.layer_weights(j)
+        sizes = [w.numel * itemsize for w in ws]
+        total = sum(sizes) or 1
+        acc, assigned, by = 0, [], {t: 0 for t in TIERS}
+        for w, size in zip(ws, sizes):
+            mid = (acc + size / 2) / total
+            acc += size
+            tier = "gpu" if mid < gpu_f else "cpu" if mid < gpu_f + cpu_f else "disk"
+            assigned.append((w.name, tier))
+            by[tier] += size
+        tiers.append(tuple(assigned))
+        per_tier.append(by)
+    return WeightPlacement(tuple(tiers), tuple(per_tier))

@@ -1,0 +1,43 @@
+"""A plain-text summary of a plan: policy, sizes, residency per tier."""
+
+from __future__ import annotations
+
+from flexgraph.plan.planfile import Plan
+from flexgraph.plan.policy import TIERS
+from flexgraph.sizes import format_size
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = []
+    for n, r in enumerate(rows):
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def plan_summary(plan: Plan) -> str:
+    pol, wl = plan.policy, plan.workload
+    ach = plan.placement.get("weights_achieved", {})
+    blocks = -(-wl.num_prompts // pol.block_size)
+    head = [
+        f"model      {plan.model.get('name')} ({plan.model.get('kind')}{', dummy' if plan.model.get('dummy') else ''})",
+        f"workload   {wl.num_prompts} prompts x {wl.prompt_len} tokens, generate {wl.gen_len}",
+        f"policy     gpu batch {pol.gpu_batch_size} x {pol.num_gpu_batches} GPU batches = block of "
+        f"{pol.block_size} ({blocks} block{'s' if blocks != 1 else ''}), {pol.schedule} schedule, {pol.dtype}, "
+        f"prefetch {'on' if plan.prefetch else 'off'}",
+        f"--percent  {' '.join(f'{p:g}' for p in pol.percent_args())}   (chosen by {plan.chosen.get('by', '?')})",
+        f"path       {len(plan.path)} nodes",
+    ]
+    for note in plan.chosen.get("notes", []):
+        head.append(f"           - {note}")
+    rows = [["tier", "capacity", "homes", "peak", "weights (achieved)", "KV rows", "act rows"]]
+    res = plan.residency
+    for n, t in enumerate(TIERS):
+        cap = res["capacity"].get(t)
+        rows.append([t, "absent" if cap is None else format_size(cap), format_size(res["home"].get(t, 0)),
+                     format_size(res["peak"].get(t, 0)), f"{ach.get(t, 0):.1f}%",
+                     str(plan.placement.get("cache_rows", [0, 0, 0])[n]),
+                     str(plan.placement.get("act_rows", [0, 0, 0])[n])])
+    return "\n".join(head) + "\n\n" + _table(rows)
