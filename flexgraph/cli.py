@@ -22,6 +22,24 @@ def _percent(values: list[str]) -> tuple[float, ...]:
     return nums
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``error: ...``) like every other error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1 (got {text!r})")
+    return value
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, defaults: bool) -> None:
     d = (lambda v: v) if defaults else (lambda v: None)
     g = p.add_argument_group("sampling" + ("" if defaults else " (override the plan's)"))
@@ -38,11 +56,11 @@ def _add_sampling_args(p: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexgraph", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="flexgraph", description=__doc__.splitlines()[0])
     parser.add_argument("--log-format", choices=("console", "json"), default=None,
                         help="log lines on stderr: human-readable (default) or JSON lines")
     parser.add_argument("--log-level", default=None, help="debug, info (default), warning")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("plan", help="choose a policy and a valid traversal; write plan.json")
     p.add_argument("--model", default="smollm2-135m",
@@ -51,15 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dummy-seed", type=int, default=0)
     p.add_argument("--out", default="plan.json", help="plan file to write (default plan.json)")
     w = p.add_argument_group("workload")
-    w.add_argument("--prompt-len", type=int, default=512)
-    w.add_argument("--gen-len", type=int, default=32)
-    w.add_argument("--num-prompts", type=int, default=None,
+    w.add_argument("--prompt-len", type=_positive_int, default=512)
+    w.add_argument("--gen-len", type=_positive_int, default=32)
+    w.add_argument("--num-prompts", type=_positive_int, default=None,
                    help="prompts to plan for (default: one block, or 32)")
     pol = p.add_argument_group("policy (left out = chosen automatically)")
     pol.add_argument("--percent", nargs=6, metavar="P", default=None,
                      help="W_GPU W_CPU KV_GPU KV_CPU ACT_GPU ACT_CPU; disk gets the rest")
-    pol.add_argument("--gpu-batch-size", type=int, default=None)
-    pol.add_argument("--num-gpu-batches", type=int, default=None)
+    pol.add_argument("--gpu-batch-size", type=_positive_int, default=None)
+    pol.add_argument("--num-gpu-batches", type=_positive_int, default=None)
     pol.add_argument("--schedule", choices=("row", "zigzag"), default=None)
     pol.add_argument("--no-prefetch", action="store_true", help="load each input right before its compute")
     pol.add_argument("--compress-weight", action="store_true")
@@ -120,7 +138,10 @@ COMMANDS = {"plan": cmd_plan}
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:       # --help, or a usage error already printed on one line
+        return int(e.code or 0)
     from flexgraph.log import configure
     configure(args.log_format, args.log_level)
     try:

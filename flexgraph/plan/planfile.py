@@ -34,7 +34,7 @@ from typing import Any
 
 from flexgraph import __version__
 from flexgraph.errors import PlanError
-from flexgraph.graph.builder import KINDS, Workload
+from flexgraph.graph.builder import Workload
 from flexgraph.models.sampling import SamplingParams
 from flexgraph.plan.policy import Policy
 
@@ -98,6 +98,12 @@ class Plan:
                             "re-run `flexgraph plan`") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:
     """Write atomically: a reader never sees a half-written plan."""
     path = Path(path)
@@ -107,6 +113,7 @@ def save_plan(plan: Plan, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(plan.to_json(), f, separators=(",", ":"))
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

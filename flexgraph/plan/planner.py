@@ -13,9 +13,9 @@ every plan's ``chosen.notes``:
 2. Placement fills the fastest tiers first: activations, then KV cache, then weights
    (small and hot data first).  Each kind's share of the compute tier, then of the cpu
    tier, is lowered in steps of 10% until the plan fits every tier.  A candidate is
-   screened by its static homes plus an upper bound of its working set (measured on a
-   two-block copy of the model with nothing homed on the compute tier), then checked
-   in full.
+   screened by its static homes plus its working set (measured on a two-block copy of
+   the model, or bounded by the copy with nothing homed on the compute tier), then
+   checked in full.
 3. If nothing fits, the GPU batch size is halved (unless the user fixed it) and the
    search repeats.
 """
@@ -39,6 +39,7 @@ from flexgraph.plan.traversal import make_path
 from flexgraph.sizes import format_size
 
 MAX_FULL_CHECKS = 8
+MAX_EXACT_WORKING_SETS = 40
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,11 @@ def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
         homes = _HomeSizes(spec, workload, base, has_gpu)
         # Working sets are largest when nothing is homed on the compute tier (every weight
         # and cache row needs a working copy there): that bound, per activation split,
-        # screens candidates without building their graphs.
+        # admits a candidate without more ado; a candidate the bound rejects gets its
+        # own working set measured (a few dozen times at most, then the bound decides).
         off = Split(0, 100) if has_gpu else Split(0, 0)
         bound: dict[Split, dict[str, int]] = {}
+        exact_left = MAX_EXACT_WORKING_SETS
         for w, c, a in candidates:
             policy = replace(base, weights=w, cache=c, activations=a)
             if knobs.percent is None:
@@ -180,7 +183,12 @@ def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
                     bound[a] = working_set(spec, workload, replace(base, weights=off, cache=off, activations=a),
                                            has_gpu, knobs.prefetch)
                 if not _fits({t: home[t] + bound[a][t] for t in TIERS}, cap):
-                    continue
+                    if exact_left <= 0:
+                        continue
+                    exact_left -= 1
+                    work = working_set(spec, workload, policy, has_gpu, knobs.prefetch)
+                    if not _fits({t: home[t] + work[t] for t in TIERS}, cap):
+                        continue
             try:
                 graph, checked = plan_for_policy(spec, workload, policy, has_gpu, cap, knobs.prefetch)
             except RuleViolation as e:
