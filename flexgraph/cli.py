@@ -92,6 +92,18 @@ def build_parser() -> argparse.ArgumentParser:
     hw.add_argument("--disk-mem", default=None)
     hw.add_argument("--offload-dir", default=None, help="where disk-tier data lives")
     _add_sampling_args(p, defaults=True)
+
+    e = sub.add_parser("execute", help="run a plan: generate for a prompts file or the plan's synthetic workload")
+    e.add_argument("plan", help="plan.json made by flexgraph plan")
+    e.add_argument("--prompts", default=None, help='JSONL: {"id": ..., "prompt": "text"} or {"id": ..., "input_ids": [...]}')
+    e.add_argument("--out", default=None, help="results JSONL, appended block by block; rerun to resume")
+    e.add_argument("--metrics", default=None, help="write metrics JSON here")
+    e.add_argument("--trace", default=None, help="write a Chrome trace (one track per lane) here")
+    e.add_argument("--no-overlap", action="store_true", help="run every node after the previous one finished")
+    e.add_argument("--no-verify", action="store_true", help="skip the one-time weight checksum verification")
+    e.add_argument("--offload-dir", default=None, help="override the plan's folder for disk-tier data")
+    e.add_argument("--show", type=int, default=8, metavar="N", help="print the first N completions (default 8)")
+    _add_sampling_args(e, defaults=False)
     return parser
 
 
@@ -133,7 +145,37 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": cmd_plan}
+def cmd_execute(args: argparse.Namespace) -> int:
+    from flexgraph.exec.executor import ExecOptions
+    from flexgraph.exec.run import load_prompts, run_plan
+    from flexgraph.plan.planfile import load_plan
+    from flexgraph.weights.resolve import ModelRef, materialize
+
+    plan = load_plan(args.plan)
+    ref = ModelRef.from_json(plan.model)
+    store = materialize(ref, dtype=plan.policy.torch_dtype if ref.dummy else None)
+    sampling = plan.sampling.override(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
+                                      top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+    prompts = load_prompts(args.prompts, store, plan)
+    options = ExecOptions(overlap=not args.no_overlap, verify=not args.no_verify, offload_dir=args.offload_dir)
+    report = run_plan(plan, store, prompts, sampling, results_path=args.out, metrics_path=args.metrics,
+                      trace_path=args.trace, options=options)
+    for line in report.results[: args.show]:
+        shown = line["text"] if line["text"] is not None else " ".join(map(str, line["output_ids"][:16]))
+        print(f"[{line['id']}] {shown!r} ({line['finish_reason']})")
+    if len(report.results) > args.show:
+        print(f"... {len(report.results) - args.show} more" + (f" in {args.out}" if args.out else ""))
+    if report.skipped_blocks:
+        print(f"resumed: {report.skipped_blocks} finished block(s) in {args.out} kept")
+    tp = report.metrics.get("throughput")
+    if tp:
+        print(f"throughput: {tp['total']:.1f} tokens/s total (prefill {tp['prefill']:.1f}, decode "
+              f"{tp['decode'] or 0:.1f}); {report.metrics['num_sequences']} sequences, "
+              f"{report.metrics['seconds']['total']:.2f} s")
+    return 0
+
+
+COMMANDS = {"plan": cmd_plan, "execute": cmd_execute}
 
 
 def main(argv: list[str] | None = None) -> int:

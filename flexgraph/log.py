@@ -22,12 +22,14 @@ def configure(fmt: str | None = None, level: str | None = None) -> None:
     fmt = fmt or os.environ.get("FLEXGRAPH_LOG") or ("console" if sys.stderr.isatty() else "console")
     level_name = (level or os.environ.get("FLEXGRAPH_LOG_LEVEL") or "info").upper()
     renderer = (structlog.processors.JSONRenderer() if fmt == "json"
-                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
+                else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty(),
+                                                exception_formatter=structlog.dev.plain_traceback))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso" if fmt == "json" else "%H:%M:%S"),
+            *([structlog.processors.format_exc_info] if fmt == "json" else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(getattr(logging, level_name, logging.INFO)),

@@ -244,8 +244,9 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
                 # rule 2 and 3: the activation, through its home when it has one off the compute tier
                 if act_off and 0 < j and spec.layer(j - 1).kind != HEAD:
                     prev_bytes = hidden_bytes(spec, j - 1, 1, s, e)
+                    kept = [("Hk", i, j - 1, k)] if sz.act_rows[TIERS.index(ct)] else []
                     lh = add(LOAD_HIDDEN, i, j, k, moves=split_moves(sz.act_rows, prev_bytes, True),
-                             needs=[("Hh", i, j - 1, k)],
+                             needs=[("Hh", i, j - 1, k)] + kept,
                              allocs=[(("Hc", i, j - 1, k), ct, gbs * prev_bytes)],
                              frees=[("Hh", i, j - 1, k), ("Hk", i, j - 1, k)])
                     g.add_edge((STORE_HIDDEN, i, j - 1, k), lh, rule=3)

@@ -27,13 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from flexgraph import __version__
 from flexgraph.errors import PlanError
+from flexgraph.fileio import write_json_atomic
 from flexgraph.graph.builder import Workload
 from flexgraph.models.sampling import SamplingParams
 from flexgraph.plan.policy import Policy
@@ -98,26 +98,9 @@ class Plan:
                             "re-run `flexgraph plan`") from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def save_plan(plan: Plan, path: str | os.PathLike) -> None:
     """Write atomically: a reader never sees a half-written plan."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(plan.to_json(), f, separators=(",", ":"))
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(path, plan.to_json(), compact=True)
 
 
 def load_plan(path: str | os.PathLike) -> Plan:

@@ -1,0 +1,130 @@
+"""The disk I/O pool: reads into and writes from preallocated tensors, in parallel chunks.
+
+Reads land directly in the destination tensor's memory (``os.preadv`` on a view of its
+bytes): no intermediate ``bytes`` object, no extra copy.  Large transfers are cut into
+chunks served by a small thread pool, so several requests are in flight at once (what
+an NVMe drive needs to reach its bandwidth).  ``tools/bench_io.py`` compares this with
+aiofiles, which returns fresh ``bytes`` objects that must then be copied.
+
+A full disk (``ENOSPC``/``EDQUOT``) becomes an :class:`ExecutionError` naming the
+folder and what to do.  ``statistics()`` snapshots bytes and time per direction.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexgraph.errors import ExecutionError
+
+CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class DiskStatistics:
+    read_bytes: int
+    write_bytes: int
+    read_seconds: float
+    write_seconds: float
+    reads: int
+    writes: int
+
+
+def byte_view(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, writable, without copying."""
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ValueError("disk I/O needs a contiguous CPU tensor")
+    return memoryview(t.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+class DiskIO:
+    def __init__(self, workers: int = 4):
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="flexgraph-disk")
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        self._stats = {"read_bytes": 0, "write_bytes": 0, "read_seconds": 0.0, "write_seconds": 0.0,
+                       "reads": 0, "writes": 0}
+
+    # ---- files -------------------------------------------------------------------------
+    def fd(self, path: str | Path, create: bool = False) -> int:
+        key = str(path)
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
+                flags = os.O_RDWR | (os.O_CREAT if create else 0)
+                try:
+                    fd = os.open(key, flags, 0o600)
+                except PermissionError:
+                    fd = os.open(key, os.O_RDONLY)      # a read-only weight store file
+                self._fds[key] = fd
+            return fd
+
+    def forget(self, path: str | Path) -> None:
+        with self._lock:
+            fd = self._fds.pop(str(path), None)
+        if fd is not None:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
+        self._pool.shutdown(wait=True)
+
+    # ---- transfers -----------------------------------------------------------------------
+    def read_into(self, path: str | Path, offset: int, out: torch.Tensor) -> None:
+        """Fill ``out`` (contiguous, CPU) with ``out.nbytes`` bytes of ``path`` at ``offset``."""
+        self._transfer(self.fd(path), offset, byte_view(out), write=False, path=path)
+
+    def write_from(self, path: str | Path, offset: int, src: torch.Tensor) -> None:
+        """Write the bytes of ``src`` (made contiguous on the CPU if needed) at ``offset``."""
+        src = src.detach().to("cpu").contiguous()
+        self._transfer(self.fd(path, create=True), offset, byte_view(src), write=True, path=path)
+
+    def _transfer(self, fd: int, offset: int, mv: memoryview, write: bool, path) -> None:
+        n = len(mv)
+        start = time.perf_counter()
+        if n <= CHUNK:
+            _io(fd, offset, mv, write, path)
+        else:
+            futures = [self._pool.submit(_io, fd, offset + a, mv[a:a + CHUNK], write, path)
+                       for a in range(0, n, CHUNK)]
+            for f in futures:
+                f.result()
+        elapsed = time.perf_counter() - start
+        kind = "write" if write else "read"
+        with self._lock:
+            self._stats[f"{kind}_bytes"] += n
+            self._stats[f"{kind}_seconds"] += elapsed
+            self._stats[f"{kind}s"] += 1
+
+    def statistics(self) -> DiskStatistics:
+        with self._lock:
+            return DiskStatistics(**self._stats)
+
+
+def _io(fd: int, offset: int, mv: memoryview, write: bool, path) -> None:
+    done = 0
+    while done < len(mv):
+        try:
+            if write:
+                n = os.pwritev(fd, [mv[done:]], offset + done)
+            else:
+                n = os.preadv(fd, [mv[done:]], offset + done)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ExecutionError(f"the disk holding {Path(path).parent} is full; free space there, point "
+                                     "--offload-dir at a larger disk, or plan with less on disk") from None
+            raise ExecutionError(f"disk I/O on {path} failed: {e.strerror}") from None
+        if n == 0:
+            raise ExecutionError(f"{path} ended early (wanted {len(mv)} bytes at {offset}); "
+                                 "the file is truncated — re-convert the model or rerun")
+        done += n

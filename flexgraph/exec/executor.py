@@ -1,0 +1,288 @@
+"""The executor: walks a plan's path and dispatches every node to its lane.
+
+Dispatch is an asyncio coroutine (uvloop where installed).  For each node, in path
+order, it
+
+1. awaits the memory manager's grant of the node's allocations (in path order, so the
+   residency can never exceed what the checker simulated);
+2. resolves which buffer *instances* the node reads and creates, and counts readers;
+3. submits the node to its lane, behind the nodes it depends on (``CheckedPath.deps``);
+   with overlap off, also behind the previous node (fully serial execution).
+
+When a node completes, every buffer it was the last to need is released: its tensors
+dropped, its bytes returned to the memory manager (waking any waiting grant).
+
+State (plain data): ``completions`` per path index; ``current`` buffer id -> live
+instance; per instance its bytes per tier, pending readers and whether its last reader
+has been dispatched.  New nodes can be appended to a running block's path
+(:meth:`Executor.extend`), which temporal fusion will use.
+
+Lanes: ``compute``, ``load_weight``, ``load_cache``, ``load_hidden``, ``store_cache``,
+``store_hidden`` — CUDA streams on a GPU, worker threads on the CPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+
+from flexgraph.errors import ExecutionError, FlexgraphError
+from flexgraph.exec.diskio import DiskIO
+from flexgraph.exec.homes import Tiers, load_weight_homes, make_cache_homes
+from flexgraph.exec.lanes import Completion, Lane, LaneStopped
+from flexgraph.exec.memory import MemoryManager
+from flexgraph.exec.nodes import RUNNERS, BatchInputs, RunState
+from flexgraph.graph.builder import COMPUTE, KINDS, make_sizes
+from flexgraph.log import get_logger
+from flexgraph.models.spec import ModelSpec
+from flexgraph.plan.planfile import Plan
+from flexgraph.plan.planner import capacities, replay_plan
+from flexgraph.plan.policy import TIERS, weight_placement
+
+log = get_logger(__name__)
+LANES = KINDS
+
+
+@dataclass
+class ExecOptions:
+    overlap: bool = True          # False: every node waits for the previous one
+    verify: bool = True           # check weight checksums (once per store)
+    progress: bool = True
+    offload_dir: str | None = None
+
+
+class _Instance:
+    __slots__ = ("key", "bytes", "pending", "final", "freed")
+
+    def __init__(self, key: tuple):
+        self.key = key
+        self.bytes: dict[str, int] = {}
+        self.pending = 0
+        self.final = False
+        self.freed = False
+
+
+@dataclass
+class BlockTiming:
+    start: float
+    prefill_end: float
+    end: float
+
+
+@dataclass
+class BlockOutput:
+    ids: list[torch.Tensor]          # per GPU batch: [B, gen_len]
+    timing: BlockTiming
+
+
+@dataclass
+class _Node:
+    kind: str
+    i: int
+    j: int
+    k: int
+    request: dict[str, int]
+    allocs: list[tuple]
+    uses: list[tuple]
+    releases: list[tuple]
+    deps: list[int]
+    label: str
+
+
+class Executor:
+    """Runs blocks of a plan with a model's weights; reusable across blocks."""
+
+    def __init__(self, plan: Plan, store, options: ExecOptions | None = None):
+        self.plan, self.store = plan, store
+        self.options = options or ExecOptions()
+        self.spec: ModelSpec = store.spec
+        self.policy = plan.policy
+        self.graph, self.checked = replay_plan(plan)
+        cap = capacities(plan.hardware)
+        self.has_gpu = cap["gpu"] is not None
+        self.device = plan.hardware.get("device", "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ExecutionError("the plan was made for CUDA but no CUDA device is available here; "
+                                 "re-plan on this machine (flexgraph plan --device cpu)")
+        self.sizes = make_sizes(self.spec, self.policy, self.has_gpu)
+        self.nodes = self._compile()
+        # never grant more than the checker simulated (which is within capacity)
+        self.memory = MemoryManager({t: plan.residency["peak"].get(t, 0) for t in TIERS})
+        self.disk = DiskIO()
+        offload = self.options.offload_dir or plan.hardware.get("offload_dir") or "."
+        self.tiers = Tiers(self.device, self.has_gpu, offload, self.disk)
+        self.lanes: dict[str, Lane] = {}
+        self.state: RunState | None = None
+        self.moved: dict[tuple[str, str], int] = {}
+        self._closed = False
+
+    # ---- set-up ----------------------------------------------------------------------------
+    def _compile(self) -> list[_Node]:
+        nodes = self.graph.nodes
+        out = []
+        for p, node in enumerate(self.checked.path):
+            attrs = nodes[node]
+            request: dict[str, int] = {}
+            for _buf, tier, nbytes in attrs["allocs"]:
+                if nbytes:
+                    request[tier] = request.get(tier, 0) + nbytes
+            kind, i, j, k = node
+            out.append(_Node(kind, i, j, k, request, attrs["allocs"], self.checked.uses[p],
+                             self.checked.releases[p], self.checked.deps[p], f"{kind}({i},{j},{k})"))
+        return out
+
+    def setup(self) -> None:
+        """Place the weights and the KV cache in their homes; start the lanes."""
+        t0 = time.perf_counter()
+        try:
+            homes_request = {t: self.checked.home_bytes.get(t, 0) for t in TIERS}
+            self.memory.acquire_now({t: n for t, n in homes_request.items() if n})
+            placement = weight_placement(self.spec, self.policy.weights, self.policy.itemsize)
+            weight_homes = load_weight_homes(self.spec, self.store, placement, self.policy.torch_dtype, self.tiers,
+                                             verify=self.options.verify, show_progress=self.options.progress)
+            cache_homes = make_cache_homes(self.spec, self.policy.num_gpu_batches, self.sizes.kv_rows,
+                                           self.plan.workload.cache_len, self.policy.torch_dtype, self.tiers)
+            self.state = RunState(self.spec, self.policy.torch_dtype, self.tiers, weight_homes, cache_homes,
+                                  self.sizes.kv_rows, self.sizes.act_rows, self.plan.workload.prompt_len,
+                                  self.plan.sampling)
+            lane_device = "cuda" if self.device == "cuda" else "cpu"
+            self.lanes = {name: Lane(name, lane_device, trace=True) for name in LANES}
+        except BaseException:
+            self.close()
+            raise
+        log.info("executor_ready", seconds=round(time.perf_counter() - t0, 2), nodes=len(self.nodes),
+                 offload_dir=str(self.tiers.run_dir) if self.tiers.run_dir else None)
+
+    def close(self) -> None:
+        """Stop the lanes and remove the offload files (idempotent; also after errors)."""
+        if self._closed:
+            return
+        self._closed = True
+        for lane in self.lanes.values():
+            lane.stop()
+        for lane in self.lanes.values():
+            lane.join(timeout=30)
+        self.state = None
+        self.disk.close()
+        self.tiers.cleanup()
+
+    def __enter__(self) -> Executor:
+        self.setup()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- one block ---------------------------------------------------------------------------
+    async def run_block(self, batches: list[BatchInputs], on_compute=None) -> BlockOutput:
+        """Run the plan's path once for a block of ``num_gpu_batches`` batches."""
+        st = self.state
+        assert st is not None, "call setup() first"
+        st.new_block(batches)
+        loop = asyncio.get_running_loop()
+        n = len(self.nodes)
+        completions: list[Completion | None] = [None] * n
+        current: dict[tuple, _Instance] = {}
+        errors: list[BaseException] = []
+        start = time.perf_counter()
+        prefill_end = start
+
+        def free(inst: _Instance) -> None:
+            inst.freed = True
+            st.drop(inst.key)
+            if inst.bytes:
+                self.memory.release(inst.bytes)
+
+        def on_done(p: int, touched: list[_Instance], fut: asyncio.Future) -> None:
+            nonlocal prefill_end
+            exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
+            node = self.nodes[p]
+            if exc is not None:
+                errors.append(exc)
+            elif node.kind == COMPUTE:
+                if node.i == 0:
+                    prefill_end = max(prefill_end, completions[p].end)
+                if on_compute is not None:
+                    on_compute(node)
+            for inst in touched:
+                inst.pending -= 1
+                if inst.pending == 0 and inst.final and not inst.freed:
+                    free(inst)
+
+        for p, node in enumerate(self.nodes):
+            if errors:
+                break
+            if node.request:
+                await self.memory.acquire(node.request)
+            touched: list[_Instance] = []
+            keys: dict[tuple, tuple] = {}
+            for buf in node.uses:
+                inst = current[buf]
+                inst.pending += 1
+                touched.append(inst)
+                keys[buf] = inst.key
+            made: dict[tuple, _Instance] = {}
+            for buf, tier, nbytes in node.allocs:
+                inst = made.get(buf)
+                if inst is None:
+                    inst = made[buf] = _Instance((buf, p))
+                    inst.pending += 1
+                    touched.append(inst)
+                    current[buf] = inst
+                    keys[buf] = inst.key
+                if nbytes:
+                    inst.bytes[tier] = inst.bytes.get(tier, 0) + nbytes
+            for buf in node.releases:
+                inst = current.get(buf)
+                if inst is None:
+                    continue
+                if inst not in touched:
+                    inst.pending += 1
+                    touched.append(inst)
+                inst.final = True
+            deps = [completions[q] for q in node.deps]
+            if not self.options.overlap and p:
+                deps.append(completions[p - 1])
+            fn = partial(_run_node, RUNNERS[node.kind], st, node.i, node.j, node.k, keys)
+            c = self.lanes[node.kind].submit(fn, deps, node.label, loop)
+            completions[p] = c
+            c.future.add_done_callback(partial(on_done, p, touched))
+        submitted = [c.future for c in completions if c is not None]
+        await asyncio.gather(*submitted, return_exceptions=True)
+        for inst in current.values():      # what nobody needed after the last step
+            if not inst.freed:
+                free(inst)
+        if errors:
+            raise _root_cause(errors)
+        for node in self.nodes:
+            for src, dst, nbytes in self.graph.nodes[(node.kind, node.i, node.j, node.k)]["moves"]:
+                self.moved[(src, dst)] = self.moved.get((src, dst), 0) + nbytes
+        ids = [torch.stack(out, dim=1) if out else torch.empty(0, 0, dtype=torch.long) for out in st.outputs]
+        return BlockOutput(ids, BlockTiming(start, prefill_end, time.perf_counter()))
+
+    # ---- statistics -----------------------------------------------------------------------------
+    def lane_busy(self) -> dict[str, float]:
+        return {name: lane.statistics().busy_seconds for name, lane in self.lanes.items()}
+
+    def spans(self) -> dict[str, list[tuple[float, float, str]]]:
+        return {name: list(lane.spans or []) for name, lane in self.lanes.items()}
+
+
+def _run_node(fn, st, i, j, k, keys):
+    with torch.inference_mode():
+        return fn(st, i, j, k, keys)
+
+
+def _root_cause(errors: list[BaseException]) -> BaseException:
+    for e in errors:
+        if isinstance(e, (LaneStopped, asyncio.CancelledError)):
+            continue
+        if isinstance(e, FlexgraphError):
+            return e
+        log.error("node_failed", exc_info=e)     # a bug: keep the traceback in the log
+        return ExecutionError(f"execution failed: {type(e).__name__}: {e}")
+    return ExecutionError("execution stopped")

@@ -1,0 +1,264 @@
+"""Tiered tensors: where weights, KV cache and activations live between uses.
+
+:class:`Tiers` maps a tier to storage: ``gpu`` is the CUDA device, or — on a CPU-only
+machine with ``--gpu-mem`` — a separately budgeted region of host memory that data is
+really copied into; ``cpu`` is host memory (pinned when CUDA is present, for fast
+copies); ``disk`` is files in a per-run folder under ``--offload-dir``, removed when
+the run ends, also on error or Ctrl-C.
+
+Homes:
+
+- **weights** (:func:`load_weight_homes`): each tensor on the tier the placement gives
+  it.  A disk-homed weight whose stored dtype is the run's is read from the weight store
+  in place (no copy of a large model); otherwise it is converted into the run folder.
+- **KV cache** (:class:`CacheHome`, per attention layer and GPU batch): rows
+  ``batch x kv_head`` split across tiers; in memory a segment is ``k, v: [rows, S, D]``
+  (each row's prefix contiguous, gpt-fast style); on disk it is seq-major
+  ``[S, rows, D]``, so the cached prefix is one contiguous read and a new token one
+  contiguous write.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flexgraph.errors import ExecutionError
+from flexgraph.exec.diskio import DiskIO
+from flexgraph.log import get_logger
+from flexgraph.models.layers import role_of
+from flexgraph.models.spec import ATTN, ModelSpec
+from flexgraph.plan.policy import TIERS, WeightPlacement, row_ranges
+from flexgraph.progress import progress
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class DiskTensor:
+    """A tensor stored in a file: ``shape`` and ``dtype`` at byte ``offset``."""
+    path: Path
+    offset: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = self.dtype.itemsize
+        for d in self.shape:
+            n *= d
+        return n
+
+
+class Tiers:
+    def __init__(self, device: str, has_gpu_tier: bool, offload_dir: str | os.PathLike, disk: DiskIO):
+        self.device = device
+        self.has_gpu_tier = has_gpu_tier
+        self.compute_tier = "gpu" if has_gpu_tier else "cpu"
+        self.disk = disk
+        self._offload_root = Path(offload_dir)
+        self.run_dir: Path | None = None
+        self._pin = device == "cuda"
+
+    def torch_device(self, tier: str) -> torch.device:
+        if tier == "gpu" and self.device == "cuda":
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    def empty(self, tier: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        if tier == "disk":
+            raise ValueError("disk tensors are files; use file()")
+        pin = self._pin and tier == "cpu"
+        return torch.empty(tuple(shape), dtype=dtype, device=self.torch_device(tier), pin_memory=pin)
+
+    def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer for a disk read headed to the device (pinned on CUDA)."""
+        return torch.empty(tuple(shape), dtype=dtype, pin_memory=self._pin)
+
+    def file(self, name: str) -> Path:
+        """A path in this run's offload folder (created on first use)."""
+        if self.run_dir is None:
+            try:
+                self._offload_root.mkdir(parents=True, exist_ok=True)
+                self.run_dir = self._offload_root / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                self.run_dir.mkdir()
+            except OSError as e:
+                raise ExecutionError(f"cannot create files in --offload-dir {self._offload_root}: {e.strerror}; "
+                                     "point it at a writable folder") from None
+        return self.run_dir / name
+
+    def cleanup(self) -> None:
+        """Remove this run's offload files (idempotent)."""
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    # ---- moving data between tiers ---------------------------------------------------------
+    def read(self, src: DiskTensor, out: torch.Tensor, nbytes: int | None = None) -> None:
+        """Read the first ``nbytes`` (default all) of ``src`` into the start of ``out``."""
+        n = src.nbytes if nbytes is None else nbytes
+        if n == 0:
+            return
+        flat = out.view(-1).view(torch.uint8)[:n]
+        if out.device.type == "cpu":
+            self.disk.read_into(src.path, src.offset, flat)
+        else:
+            stage = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            self.disk.read_into(src.path, src.offset, stage)
+            flat.copy_(stage, non_blocking=True)
+
+    def write(self, dst: DiskTensor, src: torch.Tensor, byte_offset: int = 0) -> None:
+        self.disk.write_from(dst.path, dst.offset + byte_offset, src.contiguous())
+
+
+# ---- weights ---------------------------------------------------------------------------
+@dataclass
+class WeightHome:
+    tier: str
+    tensor: torch.Tensor | None = None     # gpu / cpu
+    disk: DiskTensor | None = None         # disk
+
+
+def load_weight_homes(spec: ModelSpec, store, placement: WeightPlacement, dtype: torch.dtype, tiers: Tiers,
+                      verify: bool, show_progress: bool = True) -> list[dict[str, WeightHome]]:
+    """Place every layer's weights on their home tiers; returns per layer {role: home}.
+
+    ``verify`` checks every checksum first, streaming (once per store: a stamp in the
+    cache remembers verified files by size, mtime and inode); the placing reads skip it.
+    """
+    if verify and needs_verification(store):
+        store.verify_all(progress=show_progress)
+        mark_verified(store)
+    homes: list[dict[str, WeightHome]] = []
+    shared: dict[tuple[str, str], WeightHome] = {}     # a tied head shares the embedding's home
+    total = sum(len(spec.layer_weights(j)) for j in range(spec.num_layers))
+    bar = progress(total=total, desc="placing weights", unit="tensor", enabled=show_progress)
+    try:
+        for j in range(spec.num_layers):
+            layer: dict[str, WeightHome] = {}
+            tiers_of = placement.layer(j)
+            for w in spec.layer_weights(j):
+                tier = tiers_of[w.name]
+                name = spec.storage_name(w.name)
+                key = (name, tier)
+                if key not in shared:
+                    shared[key] = _place_weight(store, name, w.shape, tier, dtype, tiers)
+                layer[role_of(w.name)] = shared[key]
+                bar.update(1)
+            homes.append(layer)
+    finally:
+        bar.close()
+    return homes
+
+
+def _place_weight(store, name: str, shape, tier: str, dtype: torch.dtype, tiers: Tiers) -> WeightHome:
+    entry = store.entry(name)
+    if tuple(entry.shape) != tuple(shape):
+        raise ExecutionError(f"weight {name} has shape {tuple(entry.shape)} in the store, the model needs {shape}")
+    if tier == "disk":
+        if entry.dtype == dtype and entry.offset == 0:
+            store._check_size(entry)                    # read in place during the run
+            return WeightHome("disk", disk=DiskTensor(Path(entry.file), entry.offset, tuple(shape), dtype))
+        t = store.read(name, dtype=dtype, verify=False)
+        path = tiers.file(f"w-{name}.raw")
+        dt = DiskTensor(path, 0, tuple(shape), dtype)
+        tiers.write(dt, t)
+        return WeightHome("disk", disk=dt)
+    out = tiers.empty(tier, shape, dtype)
+    if out.device.type == "cpu" and entry.dtype == dtype:
+        store.read(name, verify=False, out=out)
+    else:
+        out.copy_(store.read(name, dtype=dtype, verify=False))
+    return WeightHome(tier, tensor=out)
+
+
+# ---- KV cache ----------------------------------------------------------------------------
+@dataclass
+class CacheSegment:
+    tier: str
+    rows: slice
+    k: torch.Tensor | None = None          # [r, S, D] in memory
+    v: torch.Tensor | None = None
+    k_disk: DiskTensor | None = None       # [S, r, D] seq-major on disk
+    v_disk: DiskTensor | None = None
+
+
+class CacheHome:
+    """The KV cache of one (attention layer, GPU batch), split by rows across tiers."""
+
+    def __init__(self, j: int, k: int, rows_per_tier: tuple[int, int, int], slots: int, head_dim: int,
+                 dtype: torch.dtype, tiers: Tiers):
+        self.segments: list[CacheSegment] = []
+        for tier, rows in row_ranges(rows_per_tier).items():
+            r = rows.stop - rows.start
+            if tier == "disk":
+                shape = (slots, r, head_dim)
+                kd = DiskTensor(tiers.file(f"kv-{j}-{k}.k"), 0, shape, dtype)
+                vd = DiskTensor(tiers.file(f"kv-{j}-{k}.v"), 0, shape, dtype)
+                for d in (kd, vd):     # reserve the space now: a full disk fails here, not mid-run
+                    _preallocate(d, tiers)
+                self.segments.append(CacheSegment(tier, rows, k_disk=kd, v_disk=vd))
+            else:
+                shape = (r, slots, head_dim)
+                self.segments.append(CacheSegment(tier, rows, k=tiers.empty(tier, shape, dtype),
+                                                  v=tiers.empty(tier, shape, dtype)))
+
+
+def _preallocate(d: DiskTensor, tiers: Tiers) -> None:
+    fd = tiers.disk.fd(d.path, create=True)
+    try:
+        os.posix_fallocate(fd, d.offset, d.nbytes)
+    except OSError as e:
+        raise ExecutionError(f"cannot reserve {d.nbytes} bytes in {d.path.parent} ({e.strerror}); free space "
+                             "there, point --offload-dir at a larger disk, or plan with less on disk") from None
+
+
+def make_cache_homes(spec: ModelSpec, num_gpu_batches: int, rows_per_tier, slots: int, dtype: torch.dtype,
+                     tiers: Tiers) -> dict[tuple[int, int], CacheHome]:
+    return {(j, k): CacheHome(j, k, rows_per_tier, slots, spec.head_dim, dtype, tiers)
+            for j in range(spec.num_layers) if spec.layer(j).kind == ATTN for k in range(num_gpu_batches)}
+
+
+# ---- verification stamps -------------------------------------------------------------------
+def verified_stamp_path(store) -> Path:
+    from flexgraph.weights.cache import cache_root
+    return cache_root() / "verified" / f"{store.index_checksum[:32]}.json"
+
+
+def _file_state(store) -> dict[str, list[int]]:
+    state = {}
+    for name in store.names():
+        st = os.stat(store.entry(name).file)
+        state[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return state
+
+
+def needs_verification(store) -> bool:
+    """Checksums are verified once per store; afterwards (same files, same sizes and
+    modification times) reads skip hashing.  A changed file is verified again."""
+    path = verified_stamp_path(store)
+    try:
+        return json.loads(path.read_text()) != _file_state(store)
+    except (OSError, ValueError):
+        return True
+
+
+def mark_verified(store) -> None:
+    path = verified_stamp_path(store)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(_file_state(store)))
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("verification_stamp_not_written", path=str(path), error=str(e))
+
+
+__all__ = ["TIERS", "Tiers", "DiskTensor", "WeightHome", "CacheHome", "CacheSegment", "load_weight_homes",
+           "make_cache_homes", "needs_verification", "mark_verified"]

@@ -1,0 +1,278 @@
+"""What each kind of node does with real tensors.
+
+Each function runs on its lane's worker thread and touches only the buffers the checker
+resolved for it (``keys``: buffer id -> instance key) plus the static homes.  Buffers
+live in ``RunState.buffers`` keyed by *instance* (buffer id, producing path index), so a
+buffer id reused later in the path (an activation stored away and loaded back) never
+collides with its earlier instance.
+
+Layouts: a working weight buffer is {role: tensor}; a cache working buffer is
+{tier: (k, v)} with ``k, v: [r, T, D]`` views (seq-major storage underneath for rows
+homed on disk); an activation is ``[B, s, H]`` (token ids ``[B]`` after the head).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
+from flexgraph.models import layers as L
+from flexgraph.models.forward import compute_layer
+from flexgraph.models.sampling import SamplingParams, sample
+from flexgraph.models.spec import ATTN, EMBED, HEAD, ModelSpec
+from flexgraph.plan.policy import TIERS, row_ranges
+
+
+@dataclass
+class StepInputs:
+    """Positions and masks of GPU batch k at token step i (shared by all its layers)."""
+    slot: int                   # first cache slot written at this step
+    new: int                    # tokens computed at this step
+    pos: torch.Tensor           # [B, new]
+    key_valid: torch.Tensor     # [B, slot + new] bool
+    cos: torch.Tensor | None    # [B, new, D]
+    sin: torch.Tensor | None
+
+
+@dataclass
+class BatchInputs:
+    ids: torch.Tensor           # [B, P] left-padded prompt ids
+    valid: torch.Tensor         # [B, P] bool
+    generator: torch.Generator | None = None
+
+
+class RunState:
+    """Everything the node functions share for one block."""
+
+    def __init__(self, spec: ModelSpec, dtype: torch.dtype, tiers: Tiers, weight_homes: list[dict[str, WeightHome]],
+                 cache_homes: dict[tuple[int, int], CacheHome], kv_rows, act_rows, prompt_len: int,
+                 sampling: SamplingParams):
+        self.spec, self.dtype, self.tiers = spec, dtype, tiers
+        self.ct = tiers.compute_tier
+        self.weight_homes, self.cache_homes = weight_homes, cache_homes
+        self.kv_rows, self.act_ranges = kv_rows, row_ranges(act_rows)
+        self.prompt_len, self.sampling = prompt_len, sampling
+        self.inv_freq = L.rope_inv_freq(spec) if spec.family == "llama" else None
+        self.buffers: dict[tuple, object] = {}
+        self.sizes: dict[tuple, dict[str, int]] = {}       # instance -> real bytes per tier (measured)
+        self.batches: list[BatchInputs] = []
+        self.outputs: list[list[torch.Tensor]] = []          # per batch: ids [B] per step
+        self._steps: dict[tuple[int, int], StepInputs] = {}
+        self._lock = threading.Lock()
+        self.live = dict.fromkeys(TIERS, 0)                  # measured bytes of live buffers
+        self.live_peak = dict.fromkeys(TIERS, 0)
+
+    # ---- buffers -----------------------------------------------------------------------
+    def put(self, inst: tuple, value, tier_bytes: dict[str, int]) -> None:
+        with self._lock:
+            self.buffers[inst] = value
+            self.sizes[inst] = tier_bytes
+            for t, n in tier_bytes.items():
+                self.live[t] += n
+                self.live_peak[t] = max(self.live_peak[t], self.live[t])
+
+    def drop(self, inst: tuple) -> None:
+        with self._lock:
+            self.buffers.pop(inst, None)
+            for t, n in self.sizes.pop(inst, {}).items():
+                self.live[t] -= n
+
+    def new_block(self, batches: list[BatchInputs]) -> None:
+        self.batches = batches
+        self.outputs = [[] for _ in batches]
+        self._steps.clear()
+
+    def step(self, i: int, k: int) -> StepInputs:
+        key = (i, k)
+        with self._lock:              # lanes ask concurrently (load_cache, compute)
+            got = self._steps.get(key)
+            if got is None:
+                got = self._steps[key] = self._make_step(i, k)
+            return got
+
+    def _make_step(self, i: int, k: int) -> StepInputs:
+        b = self.batches[k]
+        dev = self.tiers.torch_device(self.ct)
+        if i == 0:
+            slot, new = 0, self.prompt_len
+            pos = L.positions_from_valid(b.valid)
+            key_valid = b.valid
+        else:
+            slot, new = self.prompt_len + i - 1, 1
+            pos = b.valid.sum(-1, keepdim=True) + (i - 1)
+            key_valid = torch.cat([b.valid, torch.ones(b.valid.shape[0], i, dtype=torch.bool)], dim=1)
+        pos, key_valid = pos.to(dev), key_valid.to(dev)
+        cos = sin = None
+        if self.inv_freq is not None:
+            cos, sin = L.rope_cos_sin(self.inv_freq, pos, self.dtype)
+        return StepInputs(slot, new, pos, key_valid, cos, sin)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# ---- loads ------------------------------------------------------------------------------
+def load_weight(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
+    """Copy the off-compute-tier weights of layer j into a working buffer on the compute tier."""
+    buf, size = {}, 0
+    for role, home in st.weight_homes[j].items():
+        if home.tier == st.ct:
+            continue
+        if home.tier == "disk":
+            t = st.tiers.empty(st.ct, home.disk.shape, home.disk.dtype)
+            st.tiers.read(home.disk, t)
+        else:
+            t = st.tiers.empty(st.ct, home.tensor.shape, home.tensor.dtype)
+            t.copy_(home.tensor, non_blocking=True)
+        buf[role] = t
+        size += _nbytes(t)
+    st.put(keys[("Wb", i, j, k)], buf, {st.ct: size})
+
+
+def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
+    """Working copies of the KV rows homed off the compute tier, with their cached prefix."""
+    step = st.step(i, k)
+    total = step.slot + step.new                  # keys after this step's tokens are written
+    prefix = step.slot                            # tokens already cached
+    home = st.cache_homes[(j, k)]
+    buf, size = {}, 0
+    for seg in home.segments:
+        if seg.tier == st.ct:
+            continue
+        r = seg.rows.stop - seg.rows.start
+        d = st.spec.head_dim
+        if seg.tier == "disk":
+            # seq-major [T, r, D]: the prefix is one contiguous read
+            kb = st.tiers.empty(st.ct, (total, r, d), st.dtype)
+            vb = st.tiers.empty(st.ct, (total, r, d), st.dtype)
+            nb = prefix * r * d * st.dtype.itemsize
+            st.tiers.read(seg.k_disk, kb, nb)
+            st.tiers.read(seg.v_disk, vb, nb)
+            buf[seg.tier] = (kb.permute(1, 0, 2), vb.permute(1, 0, 2), kb, vb)
+        else:
+            kb = st.tiers.empty(st.ct, (r, total, d), st.dtype)
+            vb = st.tiers.empty(st.ct, (r, total, d), st.dtype)
+            if prefix:
+                kb[:, :prefix].copy_(seg.k[:, :prefix], non_blocking=True)
+                vb[:, :prefix].copy_(seg.v[:, :prefix], non_blocking=True)
+            buf[seg.tier] = (kb, vb, kb, vb)
+        size += 2 * _nbytes(kb)
+    st.put(keys[("Cb", i, j, k)], buf, {st.ct: size})
+
+
+def load_hidden(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
+    """Bring the activation H(i, j-1, k) back to the compute tier from its homes."""
+    parts = st.buffers[keys[("Hh", i, j - 1, k)]]
+    kept = st.buffers.get(keys.get(("Hk", i, j - 1, k)))
+    shape, dtype = parts["shape"], parts["dtype"]
+    full = st.tiers.empty(st.ct, shape, dtype)
+    for tier, rows in st.act_ranges.items():
+        if tier == st.ct:
+            full[rows].copy_(kept)
+        elif tier == "disk":
+            st.tiers.read(parts[tier], full[rows])
+        else:
+            full[rows].copy_(parts[tier], non_blocking=True)
+    st.put(keys[("Hc", i, j - 1, k)], full, {st.ct: _nbytes(full)})
+
+
+# ---- compute ------------------------------------------------------------------------------
+def compute(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
+    spec = st.spec
+    kind = spec.layer(j).kind
+    step = st.step(i, k)
+    w = _layer_weights(st, i, j, k, keys)
+    if kind == EMBED:
+        x = st.batches[k].ids.to(st.tiers.torch_device(st.ct)) if i == 0 else \
+            st.buffers[keys[("Hc", i - 1, spec.num_layers - 1, k)]][:, None]
+    else:
+        x = st.buffers[keys[("Hc", i, j - 1, k)]]
+    segments = _cache_segments(st, i, j, k, keys) if kind == ATTN else None
+    inputs = _StepView(step)
+    out, _kv = compute_layer(spec, j, w, x, inputs, segments, st.inv_freq)
+    if kind == HEAD:
+        out = sample(out, st.sampling, st.batches[k].generator)
+        st.outputs[k].append(out.to("cpu"))
+    st.put(keys[("Hc", i, j, k)], out, {st.ct: _nbytes(out)})
+
+
+class _StepView:
+    """The attributes :func:`compute_layer` reads from a sequence state."""
+    __slots__ = ("pos", "slot", "key_valid")
+
+    def __init__(self, step: StepInputs):
+        self.pos, self.slot, self.key_valid = step.pos, step.slot, step.key_valid
+
+
+def _layer_weights(st: RunState, i: int, j: int, k: int, keys: dict) -> dict[str, torch.Tensor]:
+    working = None
+    for buf_id, inst in keys.items():
+        if buf_id[0] == "Wb" and buf_id[2] == j:
+            working = st.buffers[inst]
+    w = {}
+    for role, home in st.weight_homes[j].items():
+        w[role] = home.tensor if home.tier == st.ct else working[role]
+    return w
+
+
+def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
+    home = st.cache_homes[(j, k)]
+    working = st.buffers.get(keys.get(("Cb", i, j, k)), {})
+    segs = []
+    for seg in home.segments:
+        if seg.tier == st.ct:
+            segs.append((seg.rows, seg.k, seg.v))
+        else:
+            kv = working[seg.tier]
+            segs.append((seg.rows, kv[0], kv[1]))
+    return segs
+
+
+# ---- stores --------------------------------------------------------------------------------
+def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
+    """Write this step's new KV entries of the off-compute rows to their homes."""
+    step = st.step(i, k)
+    a, b = step.slot, step.slot + step.new
+    working = st.buffers[keys[("Cb", i, j, k)]]
+    for seg in st.cache_homes[(j, k)].segments:
+        if seg.tier == st.ct:
+            continue
+        k_view, v_view, k_raw, v_raw = working[seg.tier]
+        if seg.tier == "disk":
+            row_bytes = (seg.rows.stop - seg.rows.start) * st.spec.head_dim * st.dtype.itemsize
+            st.tiers.write(seg.k_disk, k_raw[a:b], a * row_bytes)
+            st.tiers.write(seg.v_disk, v_raw[a:b], a * row_bytes)
+        else:
+            seg.k[:, a:b].copy_(k_view[:, a:b], non_blocking=True)
+            seg.v[:, a:b].copy_(v_view[:, a:b], non_blocking=True)
+    st.put(keys[("Cstored", i, j, k)], True, {})
+
+
+def store_hidden(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
+    """Move the off-compute rows of H(i, j, k) to their homes; keep the compute rows."""
+    h = st.buffers[keys[("Hc", i, j, k)]]
+    parts: dict = {"shape": tuple(h.shape), "dtype": h.dtype}
+    sizes = {}
+    for tier, rows in st.act_ranges.items():
+        if tier == st.ct:
+            kept = h[rows].clone()
+            st.put(keys[("Hk", i, j, k)], kept, {st.ct: _nbytes(kept)})
+        elif tier == "disk":
+            dt = DiskTensor(st.tiers.file(f"act-{k}-{j % 2}.raw"), 0, tuple(h[rows].shape), h.dtype)
+            st.tiers.write(dt, h[rows])
+            parts[tier] = dt
+            sizes["disk"] = dt.nbytes
+        else:
+            t = st.tiers.empty(tier, h[rows].shape, h.dtype)
+            t.copy_(h[rows], non_blocking=True)
+            parts[tier] = t
+            sizes[tier] = _nbytes(t)
+    st.put(keys[("Hh", i, j, k)], parts, sizes)
+
+
+RUNNERS = {"load_weight": load_weight, "load_cache": load_cache, "load_hidden": load_hidden,
+           "compute": compute, "store_cache": store_cache, "store_hidden": store_hidden}

@@ -1,0 +1,54 @@
+"""Running plans on tiny models in tests: store, plan, execute, compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from flexgraph.exec.executor import ExecOptions
+from flexgraph.exec.prompts import Prompt
+from flexgraph.exec.run import run_plan
+from flexgraph.graph.builder import Workload
+from flexgraph.models.sampling import SamplingParams
+from flexgraph.plan.planner import Knobs, make_plan
+from flexgraph.weights.convert_hf import convert_hf
+from flexgraph.weights.resolve import resolve_model
+from hf_tiny import tiny_model
+
+GiB = 1 << 30
+
+
+def tiny_store(name: str, tmp: Path):
+    """(transformers model, WeightStore) with the same float32 weights."""
+    model = tiny_model(name)
+    hf_dir = tmp / f"hf-{name}"
+    model.save_pretrained(hf_dir)
+    store = convert_hf(hf_dir, tmp / f"store-{name}", progress=False)
+    return model, store
+
+
+def hardware(tmp: Path, gpu_mem: int | None = None, cpu_mem: int = 4 * GiB) -> dict:
+    return {"device": "cpu", "gpu_mem": gpu_mem, "cpu_mem": cpu_mem, "disk_mem": 8 * GiB,
+            "offload_dir": str(tmp / "offload"), "headroom": 0}
+
+
+def prompts_of(ids: torch.Tensor, mask: torch.Tensor) -> list[Prompt]:
+    """Left-padded (ids, mask) back to prompts of their own lengths."""
+    return [Prompt(f"p{n}", tuple(ids[n][mask[n].bool()].tolist())) for n in range(ids.shape[0])]
+
+
+def run_tiny(store, tmp: Path, prompts: list[Prompt], gen_len: int, *, gbs: int, ngb: int,
+             percent=(0, 100, 0, 100, 0, 100), gpu_mem: int | None = None, schedule: str = "zigzag",
+             overlap: bool = True, prefetch: bool = True, dtype: str = "float32",
+             sampling: SamplingParams | None = None, results_path=None, metrics_path=None, trace_path=None):
+    """Plan and execute; returns (generated ids per prompt, RunReport, Plan)."""
+    ref = resolve_model(str(store.path))
+    prompt_len = max(len(p.input_ids) for p in prompts)
+    wl = Workload(len(prompts), prompt_len, gen_len)
+    sampling = sampling or SamplingParams(ignore_eos=True)
+    plan = make_plan(ref, wl, sampling, hardware(tmp, gpu_mem),
+                     Knobs(gbs, ngb, tuple(percent), schedule, dtype, prefetch=prefetch))
+    report = run_plan(plan, store, prompts, sampling, results_path=results_path, metrics_path=metrics_path,
+                      trace_path=trace_path, options=ExecOptions(overlap=overlap, progress=False))
+    return [line["output_ids"] for line in report.results], report, plan
