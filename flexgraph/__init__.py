@@ -10,3 +10,11 @@ converters), ``graph`` (the builder), ``plan`` (policy, traversals, checker, pla
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # The Python API pulls in torch; keep `import flexgraph` (and the CLI's start) light.
+    if name == "FlexModel":
+        from flexgraph.api import FlexModel
+        return FlexModel
+    raise AttributeError(f"module 'flexgraph' has no attribute {name!r}")

@@ -96,8 +96,11 @@ class _Node:
 class Executor:
     """Runs blocks of a plan with a model's weights; reusable across blocks."""
 
-    def __init__(self, plan: Plan, store, options: ExecOptions | None = None):
+    def __init__(self, plan: Plan, store, options: ExecOptions | None = None, weight_homes=None):
+        """``weight_homes``: weights already placed (by :func:`load_weight_homes`, for this
+        plan's weight split and dtype) — the Python API places them once for many runs."""
         self.plan, self.store = plan, store
+        self.weight_homes = weight_homes
         self.options = options or ExecOptions()
         self.spec: ModelSpec = store.spec
         self.policy = plan.policy
@@ -141,9 +144,12 @@ class Executor:
         try:
             homes_request = {t: self.checked.home_bytes.get(t, 0) for t in TIERS}
             self.memory.acquire_now({t: n for t, n in homes_request.items() if n})
-            placement = weight_placement(self.spec, self.policy.weights, self.policy.itemsize)
-            weight_homes = load_weight_homes(self.spec, self.store, placement, self.policy.torch_dtype, self.tiers,
-                                             verify=self.options.verify, show_progress=self.options.progress)
+            weight_homes = self.weight_homes
+            if weight_homes is None:
+                placement = weight_placement(self.spec, self.policy.weights, self.policy.itemsize)
+                weight_homes = load_weight_homes(self.spec, self.store, placement, self.policy.torch_dtype,
+                                                 self.tiers, verify=self.options.verify,
+                                                 show_progress=self.options.progress)
             cache_homes = make_cache_homes(self.spec, self.policy.num_gpu_batches, self.sizes.kv_rows,
                                            self.plan.workload.cache_len, self.policy.torch_dtype, self.tiers)
             self.state = RunState(self.spec, self.policy.torch_dtype, self.tiers, weight_homes, cache_homes,

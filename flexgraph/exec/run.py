@@ -44,7 +44,7 @@ class RunReport:
 
 def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: SamplingParams | None = None,
              results_path=None, metrics_path=None, trace_path=None,
-             options: ExecOptions | None = None) -> RunReport:
+             options: ExecOptions | None = None, weight_homes=None) -> RunReport:
     options = options or ExecOptions()
     sampling = sampling or plan.sampling
     plan.sampling = sampling
@@ -63,7 +63,7 @@ def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: S
     pad = spec.pad_token_id if spec.pad_token_id is not None else 0
     eos = () if sampling.ignore_eos else spec.eos_token_ids
     t0 = time.perf_counter()
-    executor = Executor(plan, store, options)
+    executor = Executor(plan, store, options, weight_homes)
     timings = []
     try:
         executor.setup()

@@ -54,6 +54,7 @@ class Knobs:
     compress_cache: bool = False
     cpu_cache_compute: bool = False
     prefetch: bool = True
+    weights: Split | None = None      # fix only the weights' split (weights already placed)
 
 
 def capacities(hardware: dict) -> dict[str, int | None]:
@@ -85,13 +86,13 @@ def _splits(has_gpu: bool) -> list[Split]:
     return out
 
 
-def _candidates(has_gpu: bool) -> Iterator[tuple[Split, Split, Split]]:
+def _candidates(has_gpu: bool, weights: Split | None = None) -> Iterator[tuple[Split, Split, Split]]:
     """(weights, cache, activations), in the order of the rule: activations keep the fastest
     split longest, then the cache, and the weights give way first."""
     splits = _splits(has_gpu)
     for a in splits:
         for c in splits:
-            for w in splits:
+            for w in ([weights] if weights is not None else splits):
                 yield w, c, a
 
 
@@ -164,7 +165,7 @@ def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
             p = knobs.percent
             candidates = iter([(Split(p[0], p[1]), Split(p[2], p[3]), Split(p[4], p[5]))])
         else:
-            candidates = _candidates(has_gpu)
+            candidates = _candidates(has_gpu, knobs.weights)
         homes = _HomeSizes(spec, workload, base, has_gpu)
         # Working sets are largest when nothing is homed on the compute tier (every weight
         # and cache row needs a working copy there): that bound, per activation split,
