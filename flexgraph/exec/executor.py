@@ -184,14 +184,21 @@ class Executor:
         self.close()
 
     # ---- one block ---------------------------------------------------------------------------
-    async def run_block(self, batches: list[BatchInputs], on_compute=None) -> BlockOutput:
-        """Run the plan's path once for a block of ``num_gpu_batches`` batches."""
+    async def run_block(self, batches: list[BatchInputs], on_compute=None, feed: NodeFeed | None = None
+                        ) -> BlockOutput:
+        """Run the plan's path once for a block of ``num_gpu_batches`` batches.
+
+        With ``feed``, nodes come from it instead, possibly while the block runs (their
+        ``deps`` index the order in which they were fed); the block ends when the feed
+        is closed and everything fed has finished.
+        """
         st = self.state
         assert st is not None, "call setup() first"
         st.new_block(batches)
         loop = asyncio.get_running_loop()
-        n = len(self.nodes)
-        completions: list[Completion | None] = [None] * n
+        source = feed if feed is not None else _iterate(self.nodes)
+        dispatched: list[_Node] = []
+        completions: list[Completion | None] = []
         current: dict[tuple, _Instance] = {}
         errors: list[BaseException] = []
         start = time.perf_counter()
@@ -206,7 +213,7 @@ class Executor:
         def on_done(p: int, touched: list[_Instance], fut: asyncio.Future) -> None:
             nonlocal prefill_end
             exc = fut.exception() if not fut.cancelled() else asyncio.CancelledError()
-            node = self.nodes[p]
+            node = dispatched[p]
             if exc is not None:
                 errors.append(exc)
             elif node.kind == COMPUTE:
@@ -219,7 +226,11 @@ class Executor:
                 if inst.pending == 0 and inst.final and not inst.freed:
                     free(inst)
 
-        for p, node in enumerate(self.nodes):
+        p = -1
+        async for node in source:
+            p += 1
+            dispatched.append(node)
+            completions.append(None)
             if errors:
                 break
             if node.request:
@@ -264,7 +275,7 @@ class Executor:
                 free(inst)
         if errors:
             raise _root_cause(errors)
-        for node in self.nodes:
+        for node in dispatched:
             for src, dst, nbytes in self.graph.nodes[(node.kind, node.i, node.j, node.k)]["moves"]:
                 self.moved[(src, dst)] = self.moved.get((src, dst), 0) + nbytes
         ids = [torch.stack(out, dim=1) if out else torch.empty(0, 0, dtype=torch.long) for out in st.outputs]
@@ -276,6 +287,35 @@ class Executor:
 
     def spans(self) -> dict[str, list[tuple[float, float, str]]]:
         return {name: list(lane.spans or []) for name, lane in self.lanes.items()}
+
+
+class NodeFeed:
+    """Nodes for a running block, supplied over time (temporal fusion grows the path
+    while it runs).  ``put`` appends; ``close`` says no more will come."""
+
+    def __init__(self):
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, nodes: list[_Node]) -> None:
+        for node in nodes:
+            self._queue.put_nowait(node)
+
+    def close(self) -> None:
+        self._queue.put_nowait(None)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> _Node:
+        node = await self._queue.get()
+        if node is None:
+            raise StopAsyncIteration
+        return node
+
+
+async def _iterate(nodes: list[_Node]):
+    for node in nodes:
+        yield node
 
 
 def _run_node(fn, st, i, j, k, keys):

@@ -54,7 +54,10 @@ class Completion:
         self.value, self.error = value, error
         self._event.set()
         if self.future is not None:
-            self._loop.call_soon_threadsafe(_settle, self.future, value, error)
+            try:
+                self._loop.call_soon_threadsafe(_settle, self.future, value, error)
+            except RuntimeError:      # the loop is closed: the run was abandoned (error, Ctrl-C)
+                pass
 
     @classmethod
     def finished(cls) -> Completion:

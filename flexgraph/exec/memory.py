@@ -99,8 +99,10 @@ class MemoryManager:
                 self._grant(req)
                 wake.append(fut)
         for fut in wake:
-            loop = fut.get_loop()
-            loop.call_soon_threadsafe(_resolve, fut)
+            try:
+                fut.get_loop().call_soon_threadsafe(_resolve, fut)
+            except RuntimeError:      # the loop is closed: the run was abandoned
+                pass
 
     def statistics(self) -> MemoryStatistics:
         with self._lock:

@@ -87,7 +87,7 @@ def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: S
                          seconds=round(out.timing.end - out.timing.start, 3))
         finally:
             bar.close()
-            loop.close()
+            _close_loop(loop)
         stats = executor.memory.statistics()
         measured = {t: executor.checked.home_bytes.get(t, 0) + executor.state.live_peak[t] for t in stats.peak}
         report.metrics = build_metrics(
@@ -103,6 +103,19 @@ def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: S
     if metrics_path:
         write_json_atomic(metrics_path, report.metrics)
     return report
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what an interruption left pending (the dispatcher, memory waits), then close."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        try:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        except BaseException:       # a second Ctrl-C while cancelling: give up on tidiness
+            pass
+    loop.close()
 
 
 def _block_lines(prompts: list[Prompt], out: BlockOutput, gbs: int, eos, sampling, tokenizer) -> list[dict]:

@@ -1,0 +1,161 @@
+"""The executor's parts on their own: memory manager, lanes, disk pool, metrics maths."""
+
+import asyncio
+import errno
+import threading
+
+import pytest
+import torch
+
+from flexgraph.errors import ExecutionError
+from flexgraph.exec import diskio
+from flexgraph.exec.diskio import DiskIO
+from flexgraph.exec.lanes import Completion, Lane, LaneStopped
+from flexgraph.exec.memory import MemoryManager
+from flexgraph.exec.metrics import overlap_and_overhead
+
+
+# ---- memory manager --------------------------------------------------------------------------
+def test_memory_grants_in_order_and_never_exceeds():
+    async def scenario():
+        mem = MemoryManager({"gpu": 100, "cpu": 50, "disk": None})
+        await mem.acquire({"gpu": 60})
+        order = []
+
+        async def want(name, req):
+            await mem.acquire(req)
+            order.append(name)
+
+        big = asyncio.ensure_future(want("big", {"gpu": 70}))
+        small = asyncio.ensure_future(want("small", {"gpu": 10}))   # would fit, but waits behind big
+        await asyncio.sleep(0)
+        s = mem.statistics()
+        assert s.waiting == 2 and s.used["gpu"] == 60 and order == []
+        mem.release({"gpu": 60})
+        await asyncio.gather(big, small)
+        assert order == ["big", "small"]
+        s = mem.statistics()
+        assert s.used["gpu"] == 80 and s.peak["gpu"] == 80 and s.waiting == 0 and s.grants == 3
+        assert s.peak["gpu"] <= s.limit["gpu"]
+
+    asyncio.run(scenario())
+
+
+def test_memory_release_from_another_thread_wakes_waiter():
+    async def scenario():
+        mem = MemoryManager({"gpu": 10, "cpu": 10, "disk": 10})
+        await mem.acquire({"cpu": 10})
+        waiter = asyncio.ensure_future(mem.acquire({"cpu": 5}))
+        await asyncio.sleep(0)
+        threading.Thread(target=mem.release, args=({"cpu": 10},)).start()
+        await asyncio.wait_for(waiter, 5)
+        assert mem.statistics().used["cpu"] == 5
+
+    asyncio.run(scenario())
+
+
+def test_memory_impossible_requests_fail_fast():
+    mem = MemoryManager({"gpu": None, "cpu": 10, "disk": 0})
+    with pytest.raises(MemoryError):
+        asyncio.run(mem.acquire({"gpu": 1}))
+    with pytest.raises(MemoryError):
+        asyncio.run(mem.acquire({"cpu": 11}))
+    assert mem.try_acquire({"cpu": 10}) and not mem.try_acquire({"cpu": 1})
+
+
+# ---- lanes ------------------------------------------------------------------------------------
+def test_lane_runs_in_submission_order_after_dependencies():
+    log = []
+    gate = threading.Event()
+    a, b = Lane("a"), Lane("b")
+    try:
+        blocker = b.submit(lambda: (gate.wait(5), log.append("b0")), [], "b0")
+        # a1 depends on b0; a2 does not but is queued behind a1 on the same lane
+        a1 = a.submit(lambda: log.append("a1"), [blocker], "a1")
+        a2 = a.submit(lambda: log.append("a2"), [], "a2")
+        assert not a2.done()
+        gate.set()
+        a2.wait()
+        assert log == ["b0", "a1", "a2"]
+        s = a.statistics()
+        assert s.items == 2 and s.queued == 0 and s.busy_seconds >= 0
+    finally:
+        a.stop(), b.stop()
+
+
+def test_lane_error_fails_dependants_and_stop_fails_queued():
+    lane = Lane("x")
+    try:
+        bad = lane.submit(lambda: 1 / 0, [], "bad")
+        after = lane.submit(lambda: "never", [bad], "after")
+        after.wait()
+        assert isinstance(bad.error, ZeroDivisionError)
+        assert isinstance(after.error, LaneStopped)
+    finally:
+        lane.stop()
+    late = Completion()
+    lane2 = Lane("y")
+    gate = threading.Event()
+    lane2.submit(gate.wait, [], "blocking")
+    queued = lane2.submit(lambda: "x", [], "queued")
+    lane2.stop()
+    gate.set()
+    queued.wait()
+    assert isinstance(queued.error, LaneStopped) and not late.done()
+
+
+def test_completion_reaches_asyncio():
+    async def scenario():
+        lane = Lane("z")
+        try:
+            c = lane.submit(lambda: 42, [], "answer", asyncio.get_running_loop())
+            assert await asyncio.wait_for(c.future, 5) == 42
+        finally:
+            lane.stop()
+
+    asyncio.run(scenario())
+
+
+# ---- disk pool ---------------------------------------------------------------------------------
+def test_disk_roundtrip_in_chunks(tmp_path, monkeypatch):
+    monkeypatch.setattr(diskio, "CHUNK", 4096)       # force several parallel chunks
+    io = DiskIO(workers=3)
+    try:
+        src = torch.randn(10_000, dtype=torch.float32)
+        io.write_from(tmp_path / "f", 128, src)
+        out = torch.empty_like(src)
+        io.read_into(tmp_path / "f", 128, out)
+        assert torch.equal(out, src)
+        s = io.statistics()
+        assert s.read_bytes == s.write_bytes == 40_000 and s.reads == s.writes == 1
+    finally:
+        io.close()
+
+
+def test_disk_full_and_short_file_are_clear(tmp_path, monkeypatch):
+    io = DiskIO()
+    try:
+        out = torch.empty(100)
+        (tmp_path / "short").write_bytes(b"x" * 10)
+        with pytest.raises(ExecutionError, match="truncated"):
+            io.read_into(tmp_path / "short", 0, out)
+
+        def full(*_a):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        monkeypatch.setattr(diskio.os, "pwritev", full)
+        with pytest.raises(ExecutionError, match="is full"):
+            io.write_from(tmp_path / "g", 0, out)
+    finally:
+        io.close()
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+def test_overlap_and_overhead_on_hand_drawn_spans():
+    spans = {
+        "compute": [(0.0, 4.0, "c"), (5.0, 8.0, "c")],
+        "load_weight": [(3.0, 6.0, "w")],         # overlaps compute for 1 + 1 of its 3 seconds
+        "store_cache": [(9.0, 9.5, "s")],         # no overlap
+    }
+    overlap, overhead = overlap_and_overhead(spans, [(0.0, 10.0)])
+    assert overlap == pytest.approx(2.0 / 3.5)
+    assert overhead == pytest.approx((10.0 - 8.5) / 10.0)    # idle: 8-9 and 9.5-10
