@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--num-gpu-batches", type=_positive_int, default=None)
     pol.add_argument("--schedule", choices=("row", "zigzag"), default=None)
     pol.add_argument("--no-prefetch", action="store_true", help="load each input right before its compute")
+    pol.add_argument("--search", choices=("cost", "rule"), default="cost",
+                     help="how knobs left out are chosen: 'cost' searches by the calibrated cost model "
+                          "(default), 'rule' uses the simple fill-the-fastest-tier rule")
+    pol.add_argument("--recalibrate", action="store_true", help="measure this machine's rates again")
     pol.add_argument("--compress-weight", action="store_true")
     pol.add_argument("--compress-cache", action="store_true")
     pol.add_argument("--cpu-cache-compute", action="store_true")
@@ -105,6 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--show", type=int, default=8, metavar="N", help="print the first N completions (default 8)")
     _add_sampling_args(e, defaults=False)
     return parser
+
+
+def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool = False):
+    """The calibrated cost model for ``spec`` on this machine (measuring what is missing)."""
+    from flexgraph.calibrate import ensure_matmul, load_calibration
+    from flexgraph.plan.cost import CostModel
+    from flexgraph.plan.planner import default_dtype
+    from flexgraph.plan.policy import DTYPES
+
+    torch_dtype = DTYPES[dtype or default_dtype(hardware.get("device", "cpu"))]
+    has_gpu = hardware.get("gpu_mem") is not None
+    cal = load_calibration(hardware.get("device", "cpu"), torch_dtype, hardware["offload_dir"], has_gpu, recalibrate)
+    model = CostModel(spec, cal, torch_dtype.itemsize)
+    ensure_matmul(cal, model.matmul_shapes(), torch_dtype, has_gpu)
+    return model
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -137,7 +156,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if workload.prompt_len + workload.gen_len > ref.spec.max_position_embeddings:
         raise FlexgraphError(f"--prompt-len {workload.prompt_len} + --gen-len {workload.gen_len} exceed the "
                              f"model's {ref.spec.max_position_embeddings} positions; shorten them")
-    plan = make_plan(ref, workload, sampling, hardware.to_json(), knobs)
+    cost_model = None
+    if args.search == "cost":
+        cost_model = load_cost_model(ref.spec, hardware.to_json(), knobs.dtype, args.recalibrate)
+    plan = make_plan(ref, workload, sampling, hardware.to_json(), knobs, cost_model)
     save_plan(plan, args.out)
     elapsed = time.perf_counter() - t0
     print(plan_summary(plan))

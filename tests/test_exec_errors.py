@@ -33,7 +33,7 @@ def write_prompts(path: Path, n: int, vocab: int = 200) -> Path:
 
 def plan(store, tmp: Path, *extra, out="plan.json", offload=None) -> Path:
     path = tmp / out
-    args = ["plan", "--model", str(store.path), "--prompt-len", "8", "--gen-len", "6", "--num-prompts", "12",
+    args = ["plan", "--search", "rule", "--model", str(store.path), "--prompt-len", "8", "--gen-len", "6", "--num-prompts", "12",
             "--gpu-batch-size", "2", "--num-gpu-batches", "2", "--dtype", "float32", "--cpu-mem", "2GiB",
             "--disk-mem", "4GiB", "--offload-dir", str(offload or tmp / "offload"), "--out", str(path), *extra]
     assert main(args) == 0

@@ -9,7 +9,7 @@ from flexgraph.errors import PlanError
 from flexgraph.plan.planfile import load_plan
 from flexgraph.plan.planner import replay_plan
 
-SMALL = ["--model", "opt-125m", "--dummy", "--prompt-len", "16", "--gen-len", "4", "--cpu-mem", "2GiB",
+SMALL = ["--search", "rule", "--model", "opt-125m", "--dummy", "--prompt-len", "16", "--gen-len", "4", "--cpu-mem", "2GiB",
          "--disk-mem", "4GiB"]
 
 
@@ -71,7 +71,7 @@ def test_unknown_model_is_one_line(tmp_path, capsys):
 
 
 def test_planning_opt_175b_writes_no_weights(tmp_path):
-    code = main(["plan", "--model", "facebook/opt-175b", "--dummy", "--gpu-mem", "16GiB", "--cpu-mem", "208GiB",
+    code = main(["plan", "--search", "rule", "--model", "facebook/opt-175b", "--dummy", "--gpu-mem", "16GiB", "--cpu-mem", "208GiB",
                  "--disk-mem", "1.5TB", "--offload-dir", str(tmp_path / "off"), "--out", str(tmp_path / "p.json")])
     assert code == 0
     files = [f for f in tmp_path.rglob("*") if f.is_file()]

@@ -17,7 +17,7 @@ from flexgraph.cli import main as flexgraph_main  # noqa: E402
 from flexgraph.plan.planfile import load_plan  # noqa: E402
 
 RENDER_PY = Path(__file__).resolve().parents[1] / "tools" / "render.py"
-SMALL = ["--model", "opt-125m", "--dummy", "--gpu-mem", "1GiB", "--percent", "30", "30", "0", "50", "0", "100",
+SMALL = ["--search", "rule", "--model", "opt-125m", "--dummy", "--gpu-mem", "1GiB", "--percent", "30", "30", "0", "50", "0", "100",
          "--gpu-batch-size", "2", "--num-gpu-batches", "3", "--prompt-len", "8", "--gen-len", "3",
          "--num-prompts", "6"]
 

@@ -215,21 +215,58 @@ def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
                     "--cpu-mem/--disk-mem (or a larger --offload-dir disk), or lower --gpu-batch-size / --prompt-len")
 
 
-def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware: dict, knobs: Knobs) -> Plan:
-    """Plan a run; ``model_ref`` has ``spec`` and ``to_json()`` (see flexgraph.weights.resolve)."""
+def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware: dict, knobs: Knobs,
+              cost_model=None) -> Plan:
+    """Plan a run; ``model_ref`` has ``spec`` and ``to_json()`` (see flexgraph.weights.resolve).
+
+    With a ``cost_model`` (:class:`flexgraph.plan.cost.CostModel`), knobs left out are
+    searched for the best estimated throughput and the plan carries its estimate;
+    without one, the simple rule above fills them in.
+    """
     spec: ModelSpec = model_ref.spec
-    policy, graph, checked, notes = choose_policy(spec, workload, hardware, knobs)
+    complete = knobs.percent is not None and knobs.gpu_batch_size is not None and knobs.num_gpu_batches is not None
+    candidates = []
+    if cost_model is not None and not complete:
+        from flexgraph.plan.search import choose_by_search
+        policy, graph, checked, notes, candidates = choose_by_search(spec, workload, hardware, knobs, cost_model)
+    else:
+        policy, graph, checked, notes = choose_policy(spec, workload, hardware, knobs)
     sz = make_sizes(spec, policy, hardware.get("gpu_mem") is not None)
     placement = weight_placement(spec, policy.weights, policy.itemsize)
-    user_set = knobs.percent is not None and knobs.gpu_batch_size is not None and knobs.num_gpu_batches is not None
+    estimate = {}
+    if cost_model is not None:
+        estimate = plan_estimate(graph, checked, cost_model, workload, policy)
+    chosen = {"by": "user" if complete else ("search" if candidates else "auto"), "notes": notes}
+    if candidates:
+        chosen["candidates"] = [{"policy": c.policy.to_json(), "estimated_throughput": c.throughput(workload),
+                                 **({"rejected": c.error} if c.error else {})} for c in candidates]
     return Plan(
         model=model_ref.to_json(), spec=spec.to_dict(), workload=workload, sampling=sampling, hardware=hardware,
         policy=policy, path=checked.path, prefetch=knobs.prefetch,
         placement={"weights_achieved": placement.achieved(), "cache_rows": list(sz.kv_rows),
                    "act_rows": list(sz.act_rows), "compute_tier": sz.compute_tier},
         residency={"capacity": capacities(hardware), "home": checked.home_bytes, "peak": checked.peak},
-        chosen={"by": "user" if user_set else "auto", "notes": notes},
+        chosen=chosen, estimate=estimate,
     )
+
+
+def plan_estimate(graph: nx.DiGraph, checked: CheckedPath, cost_model, workload: Workload, policy: Policy) -> dict:
+    """The cost model's timing of the full path, and the plan's roofline."""
+    from flexgraph.plan.cost import roofline, simulate
+    blocks = math.ceil(workload.num_prompts / policy.block_size)
+    est = simulate(graph, checked, cost_model, blocks=blocks)
+    roof = roofline(graph, checked, cost_model)
+    n = blocks * policy.block_size
+    return {
+        "block_seconds": est.block_seconds, "prefill_seconds": est.prefill_seconds * blocks,
+        "decode_seconds": est.decode_seconds * blocks, "total_seconds": est.total_seconds,
+        "throughput": {"prefill": n * workload.prompt_len / (est.prefill_seconds * blocks),
+                       "decode": n * (workload.gen_len - 1) / max(est.decode_seconds * blocks, 1e-12),
+                       "total": n * workload.gen_len / est.total_seconds},
+        "roofline": {"block_seconds": roof.seconds, "bound": roof.bound, "resources": roof.resources,
+                     "throughput": n * workload.gen_len / (roof.seconds * blocks)},
+        "lane_busy": est.lane_busy,
+    }
 
 
 def replay_plan(plan: Plan, keep_timeline: bool = False) -> tuple[nx.DiGraph, CheckedPath]:

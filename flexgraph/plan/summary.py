@@ -40,4 +40,21 @@ def plan_summary(plan: Plan) -> str:
                      format_size(res["peak"].get(t, 0)), f"{ach.get(t, 0):.1f}%",
                      str(plan.placement.get("cache_rows", [0, 0, 0])[n]),
                      str(plan.placement.get("act_rows", [0, 0, 0])[n])])
-    return "\n".join(head) + "\n\n" + _table(rows)
+    out = "\n".join(head) + "\n\n" + _table(rows)
+    cands = plan.chosen.get("candidates")
+    if cands:
+        crow = [["#", "gpu batch", "GPU batches", "schedule", "--percent", "est. tokens/s", ""]]
+        for n, c in enumerate(cands, 1):
+            p = c["policy"]
+            pct = p["weights"][:2] + p["cache"][:2] + p["activations"][:2]
+            crow.append([str(n), str(p["gpu_batch_size"]), str(p["num_gpu_batches"]), p["schedule"],
+                         " ".join(f"{x:g}" for x in pct), f"{c['estimated_throughput']:.1f}",
+                         "rejected: " + c["rejected"][:40] if c.get("rejected") else ""])
+        out += "\n\ncandidates (best first)\n" + _table(crow)
+    est = plan.estimate
+    if est:
+        tp, roof = est["throughput"], est["roofline"]
+        out += (f"\n\nestimate   {tp['total']:.1f} tokens/s total (prefill {tp['prefill']:.1f}, decode "
+                f"{tp['decode']:.1f}), {est['total_seconds']:.2f} s; roofline {roof['throughput']:.1f} tokens/s, "
+                f"bound by {roof['bound']}")
+    return out

@@ -1,0 +1,273 @@
+"""Calibration: this machine's rates, measured in seconds and cached per machine.
+
+What is measured (for one working dtype and device):
+
+- **bandwidth** of every tier pair, each direction: gpu<->cpu (pinned copies on CUDA;
+  plain copies between host buffers for a simulated gpu tier), disk->gpu/cpu (reads of
+  a file whose pages were dropped from the page cache, in the executor's chunked
+  parallel way), gpu/cpu->disk (writes);
+- **memory bandwidth** of the compute device (reads + writes of a large copy): what
+  decode attention and element-wise work are bound by;
+- **matmul throughput** ``rate(M, K, N)`` in FLOP/s, measured on demand for the shapes a
+  model has (``K``, ``N`` capped at 4096 — beyond that the rate no longer changes much,
+  and a 12288-wide matrix would take too long to time) at ``M`` = 1 .. 16384 and
+  interpolated in log space;
+- **attention throughput** of :func:`flexgraph.models.layers.attend` for prefill
+  (FLOP/s) at the chunk sizes it uses;
+- **per-node overhead** of the executor's lanes (submission to completion of an empty
+  item), which bounds how small a node can usefully be.
+
+The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine key is
+the CPU model, core count, RAM, device and torch version.  ``--recalibrate`` redoes it.
+Each measurement repeats until it has run for a minimum time and keeps the best of a
+few repeats (this is a shared machine: the best is the least disturbed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from flexgraph.fileio import write_json_atomic
+from flexgraph.log import get_logger
+
+log = get_logger(__name__)
+VERSION = 2
+M_POINTS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+MAX_KN = 4096
+
+
+def _best_time(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
+    """Seconds per call: the best of ``repeats`` rounds, each long enough to time."""
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        best = min(best, elapsed / n)
+    return best
+
+
+def machine_key(device: str) -> str:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        ram = 0
+    gpu = torch.cuda.get_device_name() if device == "cuda" else ""
+    text = f"{cpu}|{os.cpu_count()}|{ram >> 30}|{gpu}|{torch.__version__}|{platform.machine()}|{VERSION}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Calibration:
+    device: str
+    dtype: str
+    bandwidth: dict[str, float] = field(default_factory=dict)       # "src->dst" -> bytes/s
+    mem_bandwidth: float = 0.0                                      # bytes/s on the compute device
+    matmul: dict[str, list[list[float]]] = field(default_factory=dict)  # "KxN" -> [[M, FLOP/s], ...]
+    attention: list[list[float]] = field(default_factory=list)      # [[q rows per chunk, FLOP/s], ...]
+    node_overhead: float = 0.0                                      # seconds per executor node
+    measured_at: str = ""
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Calibration:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+    # ---- queries ------------------------------------------------------------------------------
+    def bw(self, src: str, dst: str) -> float:
+        return self.bandwidth[f"{src}->{dst}"]
+
+    def matmul_rate(self, m: int, k: int, n: int) -> float:
+        """FLOP/s of an [m, k] x [k, n] product (interpolated in log M)."""
+        table = self.matmul.get(_kn_key(k, n))
+        if table is None:
+            raise KeyError(f"no matmul calibration for {_kn_key(k, n)}; call ensure_matmul first")
+        return _interp(table, m)
+
+    def attention_rate(self, q_rows: int) -> float:
+        return _interp(self.attention, q_rows)
+
+
+def _kn_key(k: int, n: int) -> str:
+    return f"{min(k, MAX_KN)}x{min(n, MAX_KN)}"
+
+
+def _interp(table: list[list[float]], x: float) -> float:
+    """Piecewise-linear in log x; flat beyond the ends."""
+    if x <= table[0][0]:
+        return table[0][1]
+    for (x0, y0), (x1, y1) in zip(table, table[1:]):
+        if x <= x1:
+            f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + f * (y1 - y0)
+    return table[-1][1]
+
+
+# ---- measurements ------------------------------------------------------------------------------
+def measure_matmul(k: int, n: int, dtype: torch.dtype, device: torch.device) -> list[list[float]]:
+    k, n = min(k, MAX_KN), min(n, MAX_KN)
+    w = torch.randn(n, k, dtype=dtype, device=device)
+    out = []
+    for m in M_POINTS:
+        x = torch.randn(m, k, dtype=dtype, device=device)
+        t = _best_time(lambda: torch.nn.functional.linear(x, w), min_seconds=0.1 if m < 4096 else 0.3)
+        out.append([m, 2.0 * m * k * n / t])
+    return out
+
+
+def measure_attention(dtype: torch.dtype, device: torch.device, head_dim: int = 64) -> list[list[float]]:
+    from flexgraph.models.layers import attend
+    out = []
+    for q_rows in (64, 512, 2048):
+        rows, keys = 16, 1024
+        q = torch.randn(rows, q_rows, head_dim, dtype=dtype, device=device)
+        k = torch.randn(rows, keys, head_dim, dtype=dtype, device=device)
+        allowed = torch.ones(rows, q_rows, keys, dtype=torch.bool, device=device)
+        t = _best_time(lambda: attend(q, k, k, allowed, 0.125))
+        out.append([q_rows, 4.0 * rows * q_rows * keys * head_dim / t])
+    return out
+
+
+def measure_mem_bandwidth(device: torch.device) -> float:
+    a = torch.empty(64 << 20, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t = _best_time(lambda: b.copy_(a))
+    return 2 * a.numel() / t
+
+
+def measure_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
+    def run():
+        dst.copy_(src, non_blocking=True)
+        if dst.is_cuda or src.is_cuda:
+            torch.cuda.synchronize()
+    return src.numel() * src.element_size() / _best_time(run)
+
+
+def measure_disk(folder: Path, nbytes: int = 256 << 20) -> tuple[float, float]:
+    """(read, write) bytes/s of the executor's disk pool on ``folder``, reads cold."""
+    from flexgraph.exec.diskio import DiskIO
+    folder.mkdir(parents=True, exist_ok=True)
+    io = DiskIO()
+    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="calibrate-", delete=False) as f:
+        path = Path(f.name)
+    try:
+        start = time.perf_counter()
+        io.write_from(path, 0, buf)
+        fd = io.fd(path)
+        os.fsync(fd)
+        write = nbytes / (time.perf_counter() - start)
+        best = 0.0
+        for _ in range(2):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)      # read from the disk, not the cache
+            start = time.perf_counter()
+            io.read_into(path, 0, buf)
+            best = max(best, nbytes / (time.perf_counter() - start))
+        return best, write
+    finally:
+        io.close()
+        path.unlink(missing_ok=True)
+
+
+def measure_node_overhead() -> float:
+    from flexgraph.exec.lanes import Lane
+    lane = Lane("calibrate")
+    try:
+        def one():
+            lane.submit(lambda: None, [], "noop").wait()
+        return _best_time(one, min_seconds=0.1)
+    finally:
+        lane.stop()
+
+
+def calibrate(device: str, dtype: torch.dtype, offload_dir: str, has_gpu_tier: bool) -> Calibration:
+    dev = torch.device("cuda" if device == "cuda" else "cpu")
+    name = str(dtype).split(".")[-1]
+    log.info("calibrating", device=device, dtype=name)
+    cal = Calibration(device=device, dtype=name, measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
+    cal.mem_bandwidth = measure_mem_bandwidth(dev)
+    host = torch.empty(128 << 20, dtype=torch.uint8, pin_memory=device == "cuda")
+    if has_gpu_tier:
+        gpu = torch.empty_like(host, device=dev)
+        cal.bandwidth["cpu->gpu"] = measure_copy(host, gpu)
+        cal.bandwidth["gpu->cpu"] = measure_copy(gpu, host)
+    read, write = measure_disk(Path(offload_dir))
+    cal.bandwidth["disk->cpu"] = read
+    cal.bandwidth["cpu->disk"] = write
+    if has_gpu_tier:
+        # disk -> gpu goes through host memory on CUDA; straight into host memory when simulated
+        via_host = 1 / (1 / read + 1 / cal.bandwidth["cpu->gpu"]) if device == "cuda" else read
+        cal.bandwidth["disk->gpu"] = via_host
+        cal.bandwidth["gpu->disk"] = 1 / (1 / write + 1 / cal.bandwidth["gpu->cpu"]) if device == "cuda" else write
+    cal.attention = measure_attention(dtype, dev)
+    cal.node_overhead = measure_node_overhead()
+    return cal
+
+
+# ---- cache --------------------------------------------------------------------------------------
+def calibration_path(device: str, dtype: str, has_gpu_tier: bool) -> Path:
+    from flexgraph.weights.cache import cache_root
+    tiers = "3tier" if has_gpu_tier else "2tier"
+    return cache_root() / "calibration" / f"{machine_key(device)}-{dtype}-{tiers}.json"
+
+
+def load_calibration(device: str, dtype: torch.dtype, offload_dir: str, has_gpu_tier: bool,
+                     recalibrate: bool = False) -> Calibration:
+    name = str(dtype).split(".")[-1]
+    path = calibration_path(device, name, has_gpu_tier)
+    if not recalibrate:
+        try:
+            return Calibration.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            pass
+    cal = calibrate(device, dtype, offload_dir, has_gpu_tier)
+    save_calibration(cal, path)
+    return cal
+
+
+def save_calibration(cal: Calibration, path: Path) -> None:
+    try:
+        write_json_atomic(path, cal.to_json())
+    except OSError as e:
+        log.warning("calibration_not_saved", path=str(path), error=str(e))
+
+
+def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.dtype, has_gpu_tier: bool) -> bool:
+    """Measure the (K, N) shapes not yet in ``cal``; returns whether anything was added."""
+    dev = torch.device("cuda" if cal.device == "cuda" else "cpu")
+    added = False
+    for k, n in sorted(shapes):
+        key = _kn_key(k, n)
+        if key not in cal.matmul:
+            log.info("calibrating_matmul", shape=key)
+            cal.matmul[key] = measure_matmul(k, n, dtype, dev)
+            added = True
+    if added:
+        save_calibration(cal, calibration_path(cal.device, cal.dtype, has_gpu_tier))
+    return added

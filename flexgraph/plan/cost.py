@@ -1,0 +1,204 @@
+"""The cost model: how long a plan takes, derived from its graph and this machine's rates.
+
+Every node gets a duration from what the builder says it does:
+
+- a load or store: for each move, ``bytes / bandwidth(src -> dst)``;
+- a compute: its matrix products at the calibrated ``rate(M, K, N)`` for their shapes,
+  but never faster than reading the weights from memory (``weight bytes / memory
+  bandwidth`` — what bounds decode); attention at the calibrated prefill rate, or, for a
+  decode step, the bytes of keys and values read at memory bandwidth; element-wise work
+  (norms, RoPE, activations, residuals, sampling) as bytes at memory bandwidth;
+- plus the executor's per-node overhead.
+
+The path is then *replayed* like the executor runs it: each node starts when its lane
+is free and its dependencies have finished (or, with overlap off, when the previous node
+finished).  The result has FlexGen's terms — prefill and decode time per block, reads
+and writes per tier — but comes from the graph, not from per-model formulas.
+
+:func:`roofline` is the physical limit of the same plan: the busiest resource (compute,
+or the bytes over one link) at the calibrated rates with perfect overlap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import networkx as nx
+
+from flexgraph.calibrate import Calibration
+from flexgraph.graph.builder import COMPUTE
+from flexgraph.models.layers import attention_chunk_rows
+from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
+from flexgraph.plan.checker import CheckedPath
+
+
+@dataclass(frozen=True)
+class Matmul:
+    m: int
+    k: int
+    n: int
+
+    @property
+    def flops(self) -> float:
+        return 2.0 * self.m * self.k * self.n
+
+
+@dataclass
+class LayerWork:
+    matmuls: list[Matmul] = field(default_factory=list)
+    attn_flops: float = 0.0          # prefill attention (scores and weighted sum)
+    attn_q_rows: int = 1             # query rows per attention chunk
+    attn_bytes: int = 0              # decode attention: keys and values read
+    elementwise_bytes: int = 0
+
+
+def layer_work(spec: ModelSpec, j: int, batch: int, new: int, context: int, itemsize: int) -> LayerWork:
+    """What one compute of layer ``j`` does for ``batch`` sequences of ``new`` tokens."""
+    kind = spec.layer(j).kind
+    h, m = spec.hidden_size, batch * new
+    w = LayerWork()
+    act = m * h * itemsize
+    if kind == EMBED:
+        if spec.word_embed_proj_dim:
+            w.matmuls.append(Matmul(m, spec.embed_dim, h))
+        w.elementwise_bytes = 3 * act
+    elif kind == HEAD:
+        if spec.word_embed_proj_dim:
+            w.matmuls.append(Matmul(batch, h, spec.embed_dim))
+        w.matmuls.append(Matmul(batch, spec.embed_dim, spec.vocab_size))
+        w.elementwise_bytes = batch * (6 * h * 4 + 3 * spec.vocab_size * 4)
+    elif kind == MLP:
+        inter = spec.intermediate_size
+        if spec.family == "llama":
+            w.matmuls += [Matmul(m, h, inter), Matmul(m, h, inter), Matmul(m, inter, h)]
+            w.elementwise_bytes = 8 * act + 3 * m * inter * itemsize + 4 * m * h * 4
+        else:
+            w.matmuls += [Matmul(m, h, inter), Matmul(m, inter, h)]
+            w.elementwise_bytes = 8 * act + 2 * m * inter * itemsize
+    else:
+        w.matmuls += [Matmul(m, h, spec.q_size), Matmul(m, h, spec.kv_size), Matmul(m, h, spec.kv_size),
+                      Matmul(m, spec.q_size, h)]
+        rows = batch * spec.num_kv_heads
+        g = spec.num_heads // spec.num_kv_heads
+        q_rows = g * new
+        if new == 1:
+            # decode: reading K and V dominates; the products are tiny
+            w.attn_bytes = 2 * rows * context * spec.head_dim * itemsize + rows * q_rows * context * 8
+        else:
+            w.attn_flops = 4.0 * rows * q_rows * context * spec.head_dim   # masked keys cost too
+            w.attn_q_rows = attention_chunk_rows(rows, q_rows, context)
+        w.elementwise_bytes = 10 * act + 4 * m * h * 4 + 2 * m * (spec.q_size + spec.kv_size) * itemsize * 2
+    return w
+
+
+class CostModel:
+    def __init__(self, spec: ModelSpec, cal: Calibration, itemsize: int):
+        self.spec, self.cal, self.itemsize = spec, cal, itemsize
+        self._compute_cache: dict[tuple, float] = {}
+
+    def matmul_shapes(self) -> set[tuple[int, int]]:
+        """The (K, N) shapes this model's layers multiply by (to calibrate)."""
+        shapes = set()
+        for j in (0, 1, 2, self.spec.num_layers - 1):
+            for mm in layer_work(self.spec, j, 1, 1, 1, self.itemsize).matmuls:
+                shapes.add((mm.k, mm.n))
+        return shapes
+
+    def compute_time(self, j: int, batch: int, new: int, context: int) -> float:
+        kind = self.spec.layer(j).kind
+        key = (kind, batch, new, context)
+        got = self._compute_cache.get(key)
+        if got is not None:
+            return got
+        cal, e = self.cal, self.itemsize
+        work = layer_work(self.spec, j, batch, new, context, e)
+        t = 0.0
+        for mm in work.matmuls:
+            t += max(mm.flops / cal.matmul_rate(mm.m, mm.k, mm.n), mm.k * mm.n * e / cal.mem_bandwidth)
+        if work.attn_flops:
+            t += work.attn_flops / cal.attention_rate(work.attn_q_rows)
+        t += (work.attn_bytes + work.elementwise_bytes) / cal.mem_bandwidth
+        self._compute_cache[key] = t
+        return t
+
+    def node_time(self, attrs: dict, gbs: int, prompt_len: int) -> float:
+        t = self.cal.node_overhead
+        if attrs["kind"] == COMPUTE:
+            i, j = attrs["i"], attrs["j"]
+            new = prompt_len if i == 0 else 1
+            return t + self.compute_time(j, gbs, new, prompt_len + i)
+        for src, dst, nbytes in attrs["moves"]:
+            t += nbytes / self.cal.bw(src, dst)
+        return t
+
+
+@dataclass
+class Estimate:
+    block_seconds: float
+    prefill_seconds: float              # per block
+    decode_seconds: float               # per block
+    lane_busy: dict[str, float]         # per block
+    blocks: int
+
+    @property
+    def total_seconds(self) -> float:
+        return self.block_seconds * self.blocks
+
+    def throughput(self, gen_len: int, block_size: int) -> float:
+        return self.blocks * block_size * gen_len / self.total_seconds
+
+
+def simulate(graph: nx.DiGraph, checked: CheckedPath, model: CostModel, overlap: bool = True,
+             blocks: int = 1) -> Estimate:
+    """Replay the path on lanes with the modelled durations."""
+    pol = graph.graph["policy"]
+    gbs = pol["gpu_batch_size"]
+    prompt_len = graph.graph["workload"]["prompt_len"]
+    nodes = graph.nodes
+    end = [0.0] * len(checked.path)
+    lane_free: dict[str, float] = {}
+    busy: dict[str, float] = {}
+    prefill_end = 0.0
+    for p, node in enumerate(checked.path):
+        attrs = nodes[node]
+        lane = attrs["kind"]
+        start = lane_free.get(lane, 0.0)
+        for q in checked.deps[p]:
+            if end[q] > start:
+                start = end[q]
+        if not overlap and p and end[p - 1] > start:
+            start = end[p - 1]
+        dur = model.node_time(attrs, gbs, prompt_len)
+        end[p] = start + dur
+        lane_free[lane] = end[p]
+        busy[lane] = busy.get(lane, 0.0) + dur
+        if lane == COMPUTE and attrs["i"] == 0 and end[p] > prefill_end:
+            prefill_end = end[p]
+    total = max(end) if end else 0.0
+    return Estimate(total, prefill_end, total - prefill_end, busy, blocks)
+
+
+@dataclass
+class Roofline:
+    seconds: float                       # per block
+    bound: str                           # "compute" or "src->dst"
+    resources: dict[str, float]          # seconds each resource needs per block
+
+
+def roofline(graph: nx.DiGraph, checked: CheckedPath, model: CostModel) -> Roofline:
+    """The busiest resource at the calibrated rates, with perfect overlap and no overhead."""
+    pol = graph.graph["policy"]
+    gbs = pol["gpu_batch_size"]
+    prompt_len = graph.graph["workload"]["prompt_len"]
+    need: dict[str, float] = {"compute": 0.0}
+    nodes = graph.nodes
+    for node in checked.path:
+        attrs = nodes[node]
+        if attrs["kind"] == COMPUTE:
+            new = prompt_len if attrs["i"] == 0 else 1
+            need["compute"] += model.compute_time(attrs["j"], gbs, new, prompt_len + attrs["i"])
+        for src, dst, nbytes in attrs["moves"]:
+            link = "disk" if "disk" in (src, dst) else f"{src}->{dst}"    # reads and writes share the disk
+            need[link] = need.get(link, 0.0) + nbytes / model.cal.bw(src, dst)
+    bound = max(need, key=need.get)
+    return Roofline(need[bound], bound, need)

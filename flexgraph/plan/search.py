@@ -1,0 +1,278 @@
+"""Policy search: the batch shape, schedule and placement with the best estimated throughput.
+
+For each batch shape (GPU batch size x number of GPU batches, powers of two) the
+placement fractions come from FlexGen's linear program (paper section 4.3), solved with
+scipy's HiGHS: variables are the fractions of weights, KV cache and activations on each
+tier; each lane's time per layer (the weight loads of a column, the cache loads and
+stores and activation moves of its ``num_gpu_batches`` squares, the computes) is linear
+in them, as is the disk's (reads and writes share it); a step takes as long as its
+busiest lane; the objective is prefill plus ``gen_len - 1`` decode steps; capacities
+bound the homes plus a working-set allowance per tier.
+
+The LP ranks batch shapes cheaply.  The best few, with their fractions rounded to whole
+percent, are then built, checked against the four rules and timed by the graph cost
+model (:mod:`flexgraph.plan.cost`) on a copy of the model with two and three blocks,
+extrapolated to the full depth (every block costs the same).  The best valid one wins.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from flexgraph.errors import PlanError, RuleViolation
+from flexgraph.graph.builder import Workload, make_sizes, static_homes
+from flexgraph.log import get_logger
+from flexgraph.models.spec import ATTN, ModelSpec
+from flexgraph.plan.cost import CostModel, Estimate, simulate
+from flexgraph.plan.policy import TIERS, Policy, Split
+from flexgraph.plan.planner import Knobs, capacities, plan_for_policy, working_set
+
+log = get_logger(__name__)
+MAX_GPU_BATCH = 1024
+MAX_GPU_BATCHES = 32
+FULL_CHECKS = 6
+
+
+@dataclass
+class Candidate:
+    policy: Policy
+    lp_seconds: float                 # the LP's estimate of one block
+    estimate: Estimate | None = None  # the graph cost model's, once evaluated
+    error: str | None = None
+
+    def throughput(self, workload: Workload) -> float:
+        if self.estimate is None:
+            return 0.0
+        blocks = math.ceil(workload.num_prompts / self.policy.block_size)
+        return workload.num_prompts * workload.gen_len / (blocks * self.estimate.block_seconds)
+
+
+def _pow2_upto(n: int) -> list[int]:
+    out, x = [], 1
+    while x <= n:
+        out.append(x)
+        x *= 2
+    return out
+
+
+def batch_shapes(workload: Workload, knobs: Knobs) -> list[tuple[int, int]]:
+    gbs_options = [knobs.gpu_batch_size] if knobs.gpu_batch_size else _pow2_upto(min(workload.num_prompts,
+                                                                                      MAX_GPU_BATCH))
+    shapes = []
+    for gbs in gbs_options:
+        ngbs = [knobs.num_gpu_batches] if knobs.num_gpu_batches else [
+            n for n in _pow2_upto(MAX_GPU_BATCHES) if gbs * n <= max(workload.num_prompts, gbs)]
+        shapes += [(gbs, n) for n in ngbs]
+    return shapes
+
+
+def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: bool, cap: dict,
+                 model: CostModel, allowance: dict[str, int]) -> tuple[tuple[Split, Split, Split], float] | None:
+    """FlexGen's LP for one batch shape: (weights, cache, activations) splits and seconds per block."""
+    from scipy.optimize import linprog
+
+    ct = "gpu" if has_gpu else "cpu"
+    tiers = [t for t in TIERS if t != "gpu" or has_gpu]
+    nt = len(tiers)
+    kinds = ("w", "c", "a")
+    idx = {(kd, t): n for n, (kd, t) in enumerate((kd, t) for kd in kinds for t in tiers)}
+    nv = len(idx) + 2                        # + T_prefill, T_decode (per layer-column)
+    t_pre, t_dec = len(idx), len(idx) + 1
+    gbs, ngb, e = base.gpu_batch_size, base.num_gpu_batches, base.itemsize
+    P, G = workload.prompt_len, workload.gen_len
+    L = spec.num_layers
+    n_attn = spec.num_blocks
+    w_layer = sum(w.numel for w in spec.all_weights()) * e / L          # average weight bytes per layer
+    sz = make_sizes(spec, replace(base, weights=Split(0, 100), cache=Split(0, 100), activations=Split(0, 100)),
+                    has_gpu)
+    kv_token = sz.rows_kv * sz.kv_row_token_bytes                        # per attention layer, per batch
+    hid = gbs * spec.hidden_size * e
+    weight_loads_per_column = ngb if base.schedule == "row" else 1
+
+    def bw(src, dst):
+        return model.cal.bw(src, dst)
+
+    A, b = [], []
+    # Ties: when compute bounds every step, any placement is equally fast; prefer the one
+    # that moves the fewest bytes (less contention, less wear, more headroom).
+    io_cost = np.zeros(nv)
+
+    def lane(phase_var: int, coeffs: dict[int, float], const: float) -> None:
+        """T_phase >= const + sum(coeffs * x)  ->  sum(coeffs * x) - T_phase <= -const."""
+        row = np.zeros(nv)
+        for v, c in coeffs.items():
+            row[v] += c
+            io_cost[v] += c * (1 if phase_var == t_pre else G - 1)
+        row[phase_var] = -1.0
+        A.append(row)
+        b.append(-const)
+
+    for phase, new, ctx in ((t_pre, P, P), (t_dec, 1, P + G // 2)):
+        compute = sum(model.compute_time(j, gbs, new, ctx) for j in range(L)) / L * ngb
+        lane(phase, {}, compute)
+        weights, cache_in, cache_out, act, disk = {}, {}, {}, {}, {}
+        for t in tiers:
+            if t == ct:
+                continue
+            wv, cv, av = idx[("w", t)], idx[("c", t)], idx[("a", t)]
+            weights[wv] = weight_loads_per_column * w_layer / bw(t, ct)
+            prefix = (ctx - new) * kv_token * ngb * n_attn / L
+            cache_in[cv] = prefix / bw(t, ct)
+            cache_out[cv] = new * kv_token * ngb * n_attn / L / bw(ct, t)
+            act[av] = 2 * new * hid * ngb / bw(t, ct)
+            if t == "disk":
+                disk = {wv: weights[wv], cv: cache_in[cv] + cache_out[cv], av: act[av]}
+        for coeffs in (weights, cache_in, cache_out, act, disk):
+            if coeffs:
+                lane(phase, coeffs, 0.0)
+    # capacities: homes are linear in the fractions; the working set is an allowance
+    w_total = sum(w.numel for w in spec.all_weights()) * e
+    c_total = n_attn * ngb * workload.cache_len * kv_token
+    for t in tiers:
+        if cap[t] is None:
+            continue
+        row = np.zeros(nv)
+        row[idx[("w", t)]] = w_total
+        row[idx[("c", t)]] = c_total
+        A.append(row)
+        b.append(cap[t] - allowance.get(t, 0))
+    A_eq, b_eq = [], []
+    for kd in kinds:
+        row = np.zeros(nv)
+        for t in tiers:
+            row[idx[(kd, t)]] = 1.0
+        A_eq.append(row)
+        b_eq.append(1.0)
+    c = 1e-3 * io_cost
+    c[t_pre] = L
+    c[t_dec] = L * (G - 1)
+    res = linprog(c, A_ub=np.array(A), b_ub=np.array(b), A_eq=np.array(A_eq), b_eq=np.array(b_eq),
+                  bounds=[(0, 1)] * len(idx) + [(0, None)] * 2, method="highs")
+    if res.status != 0:
+        return None
+    x = res.x
+    seconds = L * (x[t_pre] + (G - 1) * x[t_dec])
+
+    def split(kd: str) -> Split:
+        pct = {t: (x[idx[(kd, t)]] * 100 if t in tiers else 0.0) for t in TIERS}
+        g = round(pct["gpu"])
+        return Split(g, min(100 - g, round(pct["cpu"])))
+
+    return (split("w"), split("c"), split("a")), float(seconds)
+
+
+def _estimate(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
+              model: CostModel, prefetch: bool, overlap: bool) -> Estimate:
+    """Graph cost model on 2- and 3-block copies, extrapolated to the model's depth."""
+    times = []
+    for blocks in (2, 3):
+        small = replace(spec, num_blocks=min(spec.num_blocks, blocks))
+        graph, checked = plan_for_policy(small, workload, policy, has_gpu, dict.fromkeys(TIERS, 1 << 62),
+                                         prefetch)
+        times.append(simulate(graph, checked, model, overlap))
+        if spec.num_blocks <= blocks:
+            return times[-1]
+    a, b = times
+    extra = spec.num_blocks - 3
+    per = lambda x, y: y + extra * (y - x)   # noqa: E731  (linear in depth)
+    busy = {k: per(a.lane_busy.get(k, 0.0), v) for k, v in b.lane_busy.items()}
+    return Estimate(per(a.block_seconds, b.block_seconds), per(a.prefill_seconds, b.prefill_seconds),
+                    per(a.decode_seconds, b.decode_seconds), busy, 1)
+
+
+def _rough_allowance(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: bool) -> dict[str, int]:
+    """Working set on the compute tier, roughly: two layers of weights in flight and the
+    prefill activations of every GPU batch (the real one is measured for the finalists)."""
+    e = base.itemsize
+    biggest = max(sum(w.numel for w in spec.layer_weights(j)) for j in range(spec.num_layers)) * e
+    acts = 2 * base.block_size * workload.prompt_len * spec.hidden_size * e
+    return {"gpu" if has_gpu else "cpu": 2 * biggest + acts}
+
+
+def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Knobs, model: CostModel,
+                  top: int = 5, overlap: bool = True) -> list[Candidate]:
+    """Candidates best first; the first is the choice.  Raises PlanError if none fits."""
+    cap = capacities(hardware)
+    has_gpu = cap["gpu"] is not None
+    dtype = knobs.dtype or ("float16" if hardware.get("device") == "cuda" else "bfloat16")
+    off = Split(0, 100) if has_gpu else Split(0, 0)
+    ranked: list[tuple[float, Policy]] = []
+    for gbs, ngb in batch_shapes(workload, knobs):
+        for schedule in ([knobs.schedule] if knobs.schedule else ["zigzag"] if ngb > 1 else ["row"]):
+            base = Policy(gbs, ngb, off, off, off, schedule=schedule, dtype=dtype)
+            if knobs.percent is not None:
+                ranked.append((0.0, base))
+                continue
+            # first pass: a rough working-set allowance, just to rank the batch shapes
+            solved = lp_placement(spec, workload, base, has_gpu, cap, model, _rough_allowance(spec, workload, base,
+                                                                                            has_gpu))
+            if solved is not None:
+                blocks = math.ceil(workload.num_prompts / base.block_size)
+                ranked.append((solved[1] * blocks, base))
+    ranked.sort(key=lambda x: x[0])
+    evaluated: list[Candidate] = []
+    for _rough, base in ranked[:max(top, FULL_CHECKS)]:
+        if knobs.percent is not None:
+            p = knobs.percent
+            cand = Candidate(replace(base, weights=Split(p[0], p[1]), cache=Split(p[2], p[3]),
+                                     activations=Split(p[4], p[5])), 0.0)
+        else:
+            # second pass: the measured working set of this shape
+            allowance = working_set(spec, workload, base, has_gpu, knobs.prefetch)
+            solved = lp_placement(spec, workload, base, has_gpu, cap, model, allowance)
+            if solved is None:
+                continue
+            (w, c, a), seconds = solved
+            if knobs.weights is not None:
+                w = knobs.weights
+            cand = Candidate(replace(base, weights=w, cache=c, activations=a), seconds)
+        try:
+            cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap, model, knobs.prefetch, overlap)
+            homes = _home_bytes(spec, workload, cand.policy, has_gpu)
+            work = working_set(spec, workload, cand.policy, has_gpu, knobs.prefetch)
+            for t in TIERS:
+                need = homes[t] + work[t]
+                if need and (cap[t] is None or need > cap[t]):
+                    raise RuleViolation(4, "the plan", f"needs {need} bytes on {t}", tier=t, needed=need,
+                                        capacity=cap[t])
+        except RuleViolation as e:
+            cand.error = str(e)
+        evaluated.append(cand)
+    valid = sorted((c for c in evaluated if c.error is None), key=lambda c: -c.throughput(workload))
+    if not valid:
+        why = next((c.error for c in evaluated if c.error), "no batch shape has a feasible placement")
+        raise PlanError(f"no policy fits this machine ({why}); give more --cpu-mem/--disk-mem or lower "
+                        "--prompt-len")
+    return valid[:top]
+
+
+def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Knobs, model: CostModel):
+    """The best candidate that passes the full check: (policy, graph, checked, notes, candidates)."""
+    candidates = search_policy(spec, workload, hardware, knobs, model)
+    cap = capacities(hardware)
+    last: RuleViolation | None = None
+    for cand in candidates:
+        try:
+            graph, checked = plan_for_policy(spec, workload, cand.policy, cap["gpu"] is not None, cap,
+                                             knobs.prefetch)
+        except RuleViolation as e:
+            cand.error, last = str(e), e
+            continue
+        notes = [f"searched {len(candidates)} finalists by estimated throughput (cost model + FlexGen's LP "
+                 "for placement)"]
+        return cand.policy, graph, checked, notes, candidates
+    raise PlanError(f"no searched policy passes the full check ({last}); give more memory or set the "
+                    "policy by hand")
+
+
+def _home_bytes(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool) -> dict[str, int]:
+    used = dict.fromkeys(TIERS, 0)
+    for _buf, tier, nbytes in static_homes(spec, workload, policy, make_sizes(spec, policy, has_gpu)):
+        used[tier] += nbytes
+    return used
+
+
+__all__ = ["Candidate", "search_policy", "lp_placement", "batch_shapes", "ATTN"]

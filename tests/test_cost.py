@@ -1,0 +1,111 @@
+"""The cost model and the policy search, with hand-set rates (deterministic; no timing)."""
+
+import pytest
+
+from flexgraph.calibrate import Calibration, _interp
+from flexgraph.graph.builder import Workload
+from flexgraph.models.builtin import builtin_config
+from flexgraph.models.spec import ModelSpec
+from flexgraph.plan.checker import check_path
+from flexgraph.plan.cost import CostModel, layer_work, roofline, simulate
+from flexgraph.plan.planner import Knobs, plan_for_policy
+from flexgraph.plan.policy import Policy, Split
+from flexgraph.plan.search import search_policy
+from test_checker import BIG, C0, C1, LW0, LW1, hand_graph
+
+GB = 1e9
+
+
+def calibration(**bw) -> Calibration:
+    bandwidth = {"cpu->gpu": 4 * GB, "gpu->cpu": 4 * GB, "disk->cpu": 2 * GB, "cpu->disk": 1 * GB,
+                 "disk->gpu": 2 * GB, "gpu->disk": 1 * GB, **bw}
+    return Calibration("cpu", "bfloat16", bandwidth=bandwidth, mem_bandwidth=5 * GB,
+                       attention=[[64, 2e11], [2048, 4e11]], node_overhead=0.0)
+
+
+def with_matmul(cal: Calibration, spec: ModelSpec) -> CostModel:
+    model = CostModel(spec, cal, 2)
+    for k, n in model.matmul_shapes():
+        cal.matmul[f"{min(k, 4096)}x{min(n, 4096)}"] = [[1, 2e10], [256, 1e11], [4096, 5e11], [16384, 6e11]]
+    return model
+
+
+def test_interpolation_is_log_linear_and_flat_outside():
+    table = [[1, 10.0], [100, 30.0]]
+    assert _interp(table, 0.5) == 10.0 and _interp(table, 1000) == 30.0
+    assert _interp(table, 10) == pytest.approx(20.0)
+
+
+def test_replay_on_a_hand_drawn_graph():
+    """Loads take bytes / 4 GB/s; computes a fixed 0.1 s each (stubbed); lanes overlap."""
+    g = hand_graph()
+    g.graph.update(policy={"gpu_batch_size": 1}, workload={"prompt_len": 1})
+    model = CostModel(ModelSpec.from_hf_config(builtin_config("opt-125m")), calibration(), 2)
+    model.compute_time = lambda j, b, n, c: 0.1
+    r = check_path(g, [LW0, LW1, C0, C1], BIG)
+    est = simulate(g, r, model)
+    # lw0 25 ns, lw1 50 ns on the weight lane; c0 after lw0, c1 after c0 and lw1
+    assert est.block_seconds == pytest.approx(100 / 4e9 + 0.2)
+    assert est.lane_busy["load_weight"] == pytest.approx(300 / 4e9)
+    serial = simulate(g, r, model, overlap=False)
+    assert serial.block_seconds == pytest.approx(300 / 4e9 + 0.2)
+
+
+def test_decode_is_bound_by_memory_prefill_by_flops():
+    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
+    model = with_matmul(calibration(), spec)
+    weights = sum(w.numel for w in spec.layer_weights(2)) * 2
+    decode = model.compute_time(2, 1, 1, 100)              # one token: read the MLP's weights
+    assert decode == pytest.approx(weights / 5e9, rel=0.05)
+    prefill = model.compute_time(2, 32, 512, 512)          # 16K tokens: the matmul rate
+    flops = sum(mm.flops for mm in layer_work(spec, 2, 32, 512, 512, 2).matmuls)
+    assert flops / 6e11 <= prefill <= 1.2 * flops / 6e11       # plus a little element-wise work
+
+
+def test_roofline_names_the_busiest_resource():
+    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
+    wl = Workload(8, 64, 4)
+    slow_disk = with_matmul(calibration(**{"disk->cpu": 1e6, "cpu->disk": 1e6}), spec)
+    graph, checked = plan_for_policy(spec, wl, Policy(8, 1, Split(0, 20), Split(0, 100), Split(0, 100)), False,
+                                     {"gpu": None, "cpu": 1 << 40, "disk": 1 << 40})
+    roof = roofline(graph, checked, slow_disk)
+    assert roof.bound == "disk" and roof.seconds == max(roof.resources.values())
+    est = simulate(graph, checked, slow_disk)
+    assert est.block_seconds >= roof.seconds
+
+
+def test_search_keeps_everything_in_ram_when_it_fits():
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    model = with_matmul(calibration(), spec)
+    wl = Workload(32, 64, 8)
+    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 8 << 30, "disk_mem": 1 << 40}
+    best = search_policy(spec, wl, hw, Knobs(), model)[0]
+    assert best.policy.percent_args() == [0, 100, 0, 100, 0, 100]
+    assert best.estimate.block_seconds > 0
+
+
+def test_search_under_a_cap_offloads_and_fits():
+    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
+    model = with_matmul(calibration(), spec)
+    wl = Workload(32, 256, 8)
+    cap = 2 << 30
+    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": cap, "disk_mem": 1 << 40}
+    candidates = search_policy(spec, wl, hw, Knobs(), model)
+    assert len(candidates) > 1
+    rates = [c.throughput(wl) for c in candidates]
+    assert rates == sorted(rates, reverse=True)
+    best = candidates[0].policy
+    assert best.weights.disk > 0
+    _g, checked = plan_for_policy(spec, wl, best, False, {"gpu": None, "cpu": cap, "disk": 1 << 40})
+    assert checked.peak["cpu"] <= cap
+
+
+def test_search_prefers_ram_for_weights_when_disk_is_slow():
+    """With the cache small, what goes to disk should be the part costing least time."""
+    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
+    wl = Workload(16, 128, 8)
+    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 2 << 30, "disk_mem": 1 << 40}
+    fast = search_policy(spec, wl, hw, Knobs(), with_matmul(calibration(), spec))[0]
+    slow = search_policy(spec, wl, hw, Knobs(), with_matmul(
+        calibration(**{"disk->cpu": 2e8, "cpu->disk": 1e8}), spec))[0]
+    assert slow.estimate.block_seconds > fast.estimate.block_seconds
