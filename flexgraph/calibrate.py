@@ -13,7 +13,7 @@ What is measured (for one working dtype and device):
   and a 12288-wide matrix would take too long to time) at ``M`` = 1 .. 16384 and
   interpolated in log space;
 - **attention throughput** of :func:`flexgraph.models.layers.attend` for prefill
-  (FLOP/s) at the chunk sizes it uses;
+  (FLOP/s, counting masked keys too) by query length;
 - **per-node overhead** of the executor's lanes (submission to completion of an empty
   item), which bounds how small a node can usefully be.
 
@@ -42,7 +42,7 @@ from flexgraph.fileio import write_json_atomic
 from flexgraph.log import get_logger
 
 log = get_logger(__name__)
-VERSION = 2
+VERSION = 3
 M_POINTS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 MAX_KN = 4096
 
@@ -142,15 +142,16 @@ def measure_matmul(k: int, n: int, dtype: torch.dtype, device: torch.device) -> 
 
 
 def measure_attention(dtype: torch.dtype, device: torch.device, head_dim: int = 64) -> list[list[float]]:
+    """FLOP/s of prefill attention (:func:`flexgraph.models.layers.attend`) by query length."""
     from flexgraph.models.layers import attend
     out = []
-    for q_rows in (64, 512, 2048):
-        rows, keys = 16, 1024
-        q = torch.randn(rows, q_rows, head_dim, dtype=dtype, device=device)
-        k = torch.randn(rows, keys, head_dim, dtype=dtype, device=device)
-        allowed = torch.ones(rows, q_rows, keys, dtype=torch.bool, device=device)
-        t = _best_time(lambda: attend(q, k, k, allowed, 0.125))
-        out.append([q_rows, 4.0 * rows * q_rows * keys * head_dim / t])
+    for q_len in (64, 512, 2048):
+        batch, heads, kv_heads = 4, 8, 2
+        q = torch.randn(batch, heads, q_len, head_dim, dtype=dtype, device=device)
+        k = torch.randn(batch, kv_heads, q_len, head_dim, dtype=dtype, device=device)
+        mask = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril_().expand(batch, 1, q_len, q_len)
+        t = _best_time(lambda: attend(q, k, k, mask, 0.125))
+        out.append([q_len, 4.0 * batch * heads * q_len * q_len * head_dim / t])
     return out
 
 

@@ -191,9 +191,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
         print(f"resumed: {report.skipped_blocks} finished block(s) in {args.out} kept")
     tp = report.metrics.get("throughput")
     if tp:
+        m = report.metrics
+        overlap = "" if m.get("overlap_ratio") is None else f", I/O hidden behind compute {m['overlap_ratio']:.0%}"
         print(f"throughput: {tp['total']:.1f} tokens/s total (prefill {tp['prefill']:.1f}, decode "
-              f"{tp['decode'] or 0:.1f}); {report.metrics['num_sequences']} sequences, "
-              f"{report.metrics['seconds']['total']:.2f} s")
+              f"{tp['decode'] or 0:.1f}); {m['num_sequences']} sequences, {m['seconds']['total']:.2f} s; "
+              f"executor overhead {m['executor_overhead']:.1%}{overlap}")
     return 0
 
 

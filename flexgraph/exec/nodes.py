@@ -9,15 +9,34 @@ collides with its earlier instance.
 Layouts: a working weight buffer is {role: tensor}; a cache working buffer is
 {tier: (k, v)} with ``k, v: [r, T, D]`` views (seq-major storage underneath for rows
 homed on disk); an activation is ``[B, s, H]`` (token ids ``[B]`` after the head).
+
+Compression (:mod:`flexgraph.compress.quant`): a compressed weight stays a ``QTensor``
+in homes and working buffers and is decoded in ``compute`` right before its product, one
+matrix at a time (:class:`_Decoded`; the embedding decodes only the rows of its tokens).
+A compressed cache working buffer holds, per home tier, :class:`_QRows` (K and V
+QTensors, seq-major for disk rows); ``compute`` decodes the prefix of every row it
+attends to into dense ``[r, T, D]`` buffers on the tier where that attention runs, the
+attention writes this step's new K/V into them and uses them in full precision, and then
+the new entries are quantised into their slots — in the home for rows attended where they
+live, else into the working buffer, from which ``store_cache`` writes the compressed slot
+home.
+
+Attention where the cache lives (``kv_attn``, from ``cpu_cache_compute``): rows whose
+attention tier is their home tier are attended in place (their home tensors are the
+segments; :func:`~flexgraph.models.layers.attention_layer` moves the query rows over and
+the output back); rows loaded by ``load_cache`` go to their attention tier.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize, dequantize_into, dequantize_rows,
+                                      qtensor_from_bytes, quantize_into)
 from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
 from flexgraph.models import layers as L
 from flexgraph.models.forward import compute_layer
@@ -35,6 +54,7 @@ class StepInputs:
     key_valid: torch.Tensor     # [B, slot + new] bool
     cos: torch.Tensor | None    # [B, new, D]
     sin: torch.Tensor | None
+    mask: torch.Tensor          # [B, 1, new, slot + new] attention mask
 
 
 @dataclass
@@ -49,12 +69,17 @@ class RunState:
 
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, tiers: Tiers, weight_homes: list[dict[str, WeightHome]],
                  cache_homes: dict[tuple[int, int], CacheHome], kv_rows, act_rows, prompt_len: int,
-                 sampling: SamplingParams):
+                 sampling: SamplingParams, kv_attn: tuple[str, str, str] | None = None,
+                 compress_cache: bool = False, record_logits: bool = False):
         self.spec, self.dtype, self.tiers = spec, dtype, tiers
         self.ct = tiers.compute_tier
         self.weight_homes, self.cache_homes = weight_homes, cache_homes
         self.kv_rows, self.act_ranges = kv_rows, row_ranges(act_rows)
         self.prompt_len, self.sampling = prompt_len, sampling
+        self.kv_attn = kv_attn or (self.ct,) * len(TIERS)    # where rows homed on gpu, cpu, disk are attended
+        self.compress_cache = compress_cache
+        self.record_logits = record_logits                    # keep the head's logits (tests, quality checks)
+        self.logits: list[list[torch.Tensor]] = []           # per batch: float32 [B, V] per step
         self.inv_freq = L.rope_inv_freq(spec) if spec.family == "llama" else None
         self.buffers: dict[tuple, object] = {}
         self.sizes: dict[tuple, dict[str, int]] = {}       # instance -> real bytes per tier (measured)
@@ -83,7 +108,12 @@ class RunState:
     def new_block(self, batches: list[BatchInputs]) -> None:
         self.batches = batches
         self.outputs = [[] for _ in batches]
+        self.logits = [[] for _ in batches]
         self._steps.clear()
+
+    def attn_tier(self, home_tier: str) -> str:
+        """The tier where attention over cache rows homed on ``home_tier`` runs."""
+        return self.kv_attn[TIERS.index(home_tier)]
 
     def step(self, i: int, k: int) -> StepInputs:
         key = (i, k)
@@ -108,7 +138,7 @@ class RunState:
         cos = sin = None
         if self.inv_freq is not None:
             cos, sin = L.rope_cos_sin(self.inv_freq, pos, self.dtype)
-        return StepInputs(slot, new, pos, key_valid, cos, sin)
+        return StepInputs(slot, new, pos, key_valid, cos, sin, L.attention_mask(key_valid, slot, new, self.spec))
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -122,46 +152,82 @@ def load_weight(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     for role, home in st.weight_homes[j].items():
         if home.tier == st.ct:
             continue
-        if home.tier == "disk":
+        if home.qdisk is not None:          # compressed: one read of its bytes, viewed as a QTensor
+            lay = home.qdisk.layout
+            raw = st.tiers.empty(st.ct, (lay.nbytes,), torch.uint8)
+            st.tiers.read(home.qdisk.whole(), raw)
+            t = qtensor_from_bytes(raw, lay.shape, lay.dtype, lay.group_dim, lay.group_size)
+        elif home.q is not None:
+            t = st.tiers.empty_q(st.ct, home.q.shape, home.q.dtype, home.q.group_dim)
+            t.copy_(home.q)
+        elif home.tier == "disk":
             t = st.tiers.empty(st.ct, home.disk.shape, home.disk.dtype)
             st.tiers.read(home.disk, t)
         else:
             t = st.tiers.empty(st.ct, home.tensor.shape, home.tensor.dtype)
             t.copy_(home.tensor, non_blocking=True)
         buf[role] = t
-        size += _nbytes(t)
+        size += t.nbytes if isinstance(t, QTensor) else _nbytes(t)
     st.put(keys[("Wb", i, j, k)], buf, {st.ct: size})
 
 
+@dataclass
+class _QRows:
+    """Compressed working copies of one home tier's cache rows: ``[T, r, D]`` if seq-major
+    (rows homed on disk), else ``[r, T, D]``; grouped along ``D``."""
+    k: QTensor
+    v: QTensor
+    seq_major: bool
+
+
 def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
-    """Working copies of the KV rows homed off the compute tier, with their cached prefix."""
+    """Working copies, on the tier where they are attended, of the KV rows homed elsewhere,
+    with their cached prefix (compressed as stored, with a compressed cache)."""
     step = st.step(i, k)
     total = step.slot + step.new                  # keys after this step's tokens are written
     prefix = step.slot                            # tokens already cached
     home = st.cache_homes[(j, k)]
-    buf, size = {}, 0
+    buf, sizes = {}, {}
+    d = st.spec.head_dim
     for seg in home.segments:
-        if seg.tier == st.ct:
+        at = st.attn_tier(seg.tier)
+        if at == seg.tier:
             continue
-        r = seg.rows.stop - seg.rows.start
-        d = st.spec.head_dim
+        r = seg.size
+        if st.compress_cache:
+            if seg.tier == "disk":
+                # seq-major [T, r, D]: the prefix of each of the three parts is one contiguous read
+                kq = st.tiers.empty_q(at, (total, r, d), st.dtype, CACHE_GROUP_DIM)
+                vq = st.tiers.empty_q(at, (total, r, d), st.dtype, CACHE_GROUP_DIM)
+                st.tiers.read_q(seg.kq_disk, kq, prefix)
+                st.tiers.read_q(seg.vq_disk, vq, prefix)
+                buf[seg.tier] = _QRows(kq, vq, True)
+            else:
+                kq = st.tiers.empty_q(at, (r, total, d), st.dtype, CACHE_GROUP_DIM)
+                vq = st.tiers.empty_q(at, (r, total, d), st.dtype, CACHE_GROUP_DIM)
+                if prefix:
+                    kq.narrow(1, 0, prefix).copy_(seg.kq.narrow(1, 0, prefix))
+                    vq.narrow(1, 0, prefix).copy_(seg.vq.narrow(1, 0, prefix))
+                buf[seg.tier] = _QRows(kq, vq, False)
+            sizes[at] = sizes.get(at, 0) + kq.nbytes + vq.nbytes
+            continue
         if seg.tier == "disk":
             # seq-major [T, r, D]: the prefix is one contiguous read
-            kb = st.tiers.empty(st.ct, (total, r, d), st.dtype)
-            vb = st.tiers.empty(st.ct, (total, r, d), st.dtype)
+            kb = st.tiers.empty(at, (total, r, d), st.dtype)
+            vb = st.tiers.empty(at, (total, r, d), st.dtype)
             nb = prefix * r * d * st.dtype.itemsize
             st.tiers.read(seg.k_disk, kb, nb)
             st.tiers.read(seg.v_disk, vb, nb)
             buf[seg.tier] = (kb.permute(1, 0, 2), vb.permute(1, 0, 2), kb, vb)
         else:
-            kb = st.tiers.empty(st.ct, (r, total, d), st.dtype)
-            vb = st.tiers.empty(st.ct, (r, total, d), st.dtype)
+            kb = st.tiers.empty(at, (r, total, d), st.dtype)
+            vb = st.tiers.empty(at, (r, total, d), st.dtype)
             if prefix:
                 kb[:, :prefix].copy_(seg.k[:, :prefix], non_blocking=True)
                 vb[:, :prefix].copy_(seg.v[:, :prefix], non_blocking=True)
             buf[seg.tier] = (kb, vb, kb, vb)
-        size += 2 * _nbytes(kb)
-    st.put(keys[("Cb", i, j, k)], buf, {st.ct: size})
+        sizes[at] = sizes.get(at, 0) + 2 * _nbytes(kb)
+    st.put(keys[("Cb", i, j, k)], buf, sizes)
 
 
 def load_hidden(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
@@ -191,10 +257,16 @@ def compute(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             st.buffers[keys[("Hc", i - 1, spec.num_layers - 1, k)]][:, None]
     else:
         x = st.buffers[keys[("Hc", i, j - 1, k)]]
-    segments = _cache_segments(st, i, j, k, keys) if kind == ATTN else None
+    if kind == EMBED:
+        w, x = _embedding_rows(w, x)
+    segments, finish = _cache_segments(st, i, j, k, keys) if kind == ATTN else (None, None)
     inputs = _StepView(step)
-    out, _kv = compute_layer(spec, j, w, x, inputs, segments, st.inv_freq)
+    out, _kv = compute_layer(spec, j, _Decoded(w), x, inputs, segments, st.inv_freq)
+    if finish is not None:
+        finish()
     if kind == HEAD:
+        if st.record_logits:
+            st.logits[k].append(out.detach().to("cpu", torch.float32, copy=True))
         out = sample(out, st.sampling, st.batches[k].generator)
         st.outputs[k].append(out.to("cpu"))
     st.put(keys[("Hc", i, j, k)], out, {st.ct: _nbytes(out)})
@@ -202,34 +274,113 @@ def compute(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
 
 class _StepView:
     """The attributes :func:`compute_layer` reads from a sequence state."""
-    __slots__ = ("pos", "slot", "key_valid")
+    __slots__ = ("pos", "slot", "key_valid", "mask", "_cos", "_sin")
 
     def __init__(self, step: StepInputs):
-        self.pos, self.slot, self.key_valid = step.pos, step.slot, step.key_valid
+        self.pos, self.slot, self.key_valid, self.mask = step.pos, step.slot, step.key_valid, step.mask
+        self._cos, self._sin = step.cos, step.sin
+
+    def rope(self, inv_freq, dtype):
+        return self._cos, self._sin     # computed once per step, in the working dtype
 
 
-def _layer_weights(st: RunState, i: int, j: int, k: int, keys: dict) -> dict[str, torch.Tensor]:
+def _layer_weights(st: RunState, i: int, j: int, k: int, keys: dict) -> dict[str, torch.Tensor | QTensor]:
+    """Layer j's weights by role: homes on the compute tier, else the working buffer
+    (compressed ones as QTensors, decoded on use)."""
     working = None
     for buf_id, inst in keys.items():
         if buf_id[0] == "Wb" and buf_id[2] == j:
             working = st.buffers[inst]
     w = {}
     for role, home in st.weight_homes[j].items():
-        w[role] = home.tensor if home.tier == st.ct else working[role]
+        if home.tier == st.ct:
+            w[role] = home.q if home.q is not None else home.tensor
+        else:
+            w[role] = working[role]
     return w
 
 
+class _Decoded(Mapping):
+    """Weights by role for the layer maths; a compressed one is decoded when the maths
+    reads it — right before its product — into a fresh dense tensor that dies with that
+    product, so at most one decoded matrix is alive at a time (the workspace bound of
+    :func:`flexgraph.graph.builder.weight_decode_bytes`)."""
+    __slots__ = ("_w",)
+
+    def __init__(self, w: dict):
+        self._w = w
+
+    def __getitem__(self, role: str) -> torch.Tensor:
+        t = self._w[role]
+        return dequantize(t) if isinstance(t, QTensor) else t
+
+    def __contains__(self, role) -> bool:
+        return role in self._w
+
+    def __iter__(self):
+        return iter(self._w)
+
+    def __len__(self) -> int:
+        return len(self._w)
+
+
+def _embedding_rows(w: dict, ids: torch.Tensor):
+    """A compressed embedding table is not decoded whole: only the groups holding this
+    step's tokens, as a compact table the ids are re-indexed into (same values, so the
+    same result as a lookup in the decoded table)."""
+    table = w.get("embed_tokens.weight")
+    if not isinstance(table, QTensor):
+        return w, ids
+    uniq, inverse = torch.unique(ids, return_inverse=True)
+    return {**w, "embed_tokens.weight": dequantize_rows(table, uniq)}, inverse
+
+
 def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
+    """``(segments, finish)``: the ``(rows, k, v)`` buffers attention reads and writes, and
+    what to do after it (quantise the new entries, with a compressed cache; else None)."""
     home = st.cache_homes[(j, k)]
     working = st.buffers.get(keys.get(("Cb", i, j, k)), {})
     segs = []
+    if not st.compress_cache:
+        for seg in home.segments:
+            if st.attn_tier(seg.tier) == seg.tier:       # attended where it lives
+                segs.append((seg.rows, seg.k, seg.v))
+            else:
+                kv = working[seg.tier]
+                segs.append((seg.rows, kv[0], kv[1]))
+        return segs, None
+    step = st.step(i, k)
+    slot, new = step.slot, step.new
+    total = slot + new
+    encode = []                                          # (dense [r, T, D], compressed, seq-major)
     for seg in home.segments:
-        if seg.tier == st.ct:
-            segs.append((seg.rows, seg.k, seg.v))
+        at = st.attn_tier(seg.tier)
+        if at == seg.tier:
+            src, seq_major = (seg.kq, seg.vq), False
         else:
-            kv = working[seg.tier]
-            segs.append((seg.rows, kv[0], kv[1]))
-    return segs
+            rows = working[seg.tier]
+            src, seq_major = (rows.k, rows.v), rows.seq_major
+        dense = []
+        for q in src:
+            buf = st.tiers.empty(at, (seg.size, total, st.spec.head_dim), st.dtype)
+            if slot:
+                if seq_major:
+                    dequantize_into(q.narrow(0, 0, slot), buf[:, :slot].transpose(0, 1))
+                else:
+                    dequantize_into(q.narrow(1, 0, slot), buf[:, :slot])
+            dense.append(buf)
+            encode.append((buf, q, seq_major))
+        segs.append((seg.rows, dense[0], dense[1]))
+
+    def finish() -> None:
+        # this step's entries were used in full precision (as FlexGen does); now into their slots
+        for buf, q, seq_major in encode:
+            if seq_major:
+                quantize_into(buf[:, slot:total].transpose(0, 1), q.narrow(0, slot, new))
+            else:
+                quantize_into(buf[:, slot:total], q.narrow(1, slot, new))
+
+    return segs, finish
 
 
 # ---- stores --------------------------------------------------------------------------------
@@ -239,7 +390,16 @@ def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     a, b = step.slot, step.slot + step.new
     working = st.buffers[keys[("Cb", i, j, k)]]
     for seg in st.cache_homes[(j, k)].segments:
-        if seg.tier == st.ct:
+        if st.attn_tier(seg.tier) == seg.tier:
+            continue
+        if st.compress_cache:
+            rows: _QRows = working[seg.tier]
+            if seg.tier == "disk":
+                st.tiers.write_q(seg.kq_disk, rows.k.narrow(0, a, b - a), a)
+                st.tiers.write_q(seg.vq_disk, rows.v.narrow(0, a, b - a), a)
+            else:
+                seg.kq.narrow(1, a, b - a).copy_(rows.k.narrow(1, a, b - a))
+                seg.vq.narrow(1, a, b - a).copy_(rows.v.narrow(1, a, b - a))
             continue
         k_view, v_view, k_raw, v_raw = working[seg.tier]
         if seg.tier == "disk":

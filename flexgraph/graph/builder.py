@@ -20,6 +20,27 @@ load_hidden     brings them back as ``Hc(i,j,k)`` before compute(i, j+1, k)
 ==============  =========================================================================
 
 A node is emitted only when it has something to do (bytes to move or memory to take).
+
+Compression and attention where the cache lives (policy flags) change sizes and tiers:
+
+- ``compress_weight``: weights that :func:`~flexgraph.compress.quant.should_compress`
+  accepts are stored 4-bit on their homes; ``Wh`` homes, ``load_weight`` moves and ``Wb``
+  buffers are compressed bytes.  The compute decodes each matrix right before its product
+  (one at a time; the embedding only the rows of its tokens): its workspace ``X`` adds
+  :func:`weight_decode_bytes`.
+- ``compress_cache``: ``Ch`` homes, ``load_cache`` moves, ``Cb`` buffers and
+  ``store_cache`` moves are compressed bytes (K and V of a row and token grouped along the
+  head dimension, :attr:`Sizes.kv_row_token_bytes`).  The compute decodes the prefix of
+  every row it attends to — loaded and home rows alike — into dense K/V, attends with this
+  step's new entries in full precision (as FlexGen does), then quantises them into their
+  slots: :func:`cache_decode_bytes` in the workspace of the tier the attention runs on.
+- ``cpu_cache_compute`` (with a gpu tier): attention over the rows homed on cpu runs on
+  the cpu, in place (no ``load_cache`` of them, and their new entries are written by the
+  compute); rows homed on disk are loaded into a ``Cb`` on the *cpu* tier and attended
+  there.  What crosses instead are the compute's own moves — query rows, their mask and the
+  new K/V gpu->cpu, the attention output cpu->gpu — and the cpu part of the attention
+  workspace is an ``X`` allocation on the cpu tier (:func:`offloaded_attention_bytes`).
+  The compute's ``needs_on`` names the tier each working buffer must be on.
 Edges are the paper's rules 1-3 as data dependencies; a small example, one layer
 ``j`` of two GPU batches with the cache partly on disk ::
 
@@ -33,25 +54,29 @@ Edges are the paper's rules 1-3 as data dependencies; a small example, one layer
 The graph is pure data (a ``networkx.DiGraph``; nodes keyed ``(kind, i, j, k)``), with
 node attributes ``moves`` [(from tier, to tier, bytes)], ``flops``, ``allocs``
 [(buffer, tier, bytes)], ``needs`` (buffers that must be resident, see
-:mod:`flexgraph.plan.checker`) and ``frees`` (buffers it releases explicitly).  Homes of
+:mod:`flexgraph.plan.checker`), ``needs_on`` [(buffer, tier)] (a needed buffer must be on
+that tier) and ``frees`` (buffers it releases explicitly).  Homes of
 weights and cache (static for the block) are in ``graph.graph["homes"]``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import networkx as nx
 
+from flexgraph.compress.quant import CACHE_GROUP_DIM, GROUP_SIZE, compressed_nbytes, num_groups, should_compress
 from flexgraph.errors import PlanError
 from flexgraph.models.spec import ATTN, EMBED, HEAD, ModelSpec
-from flexgraph.plan.policy import TIERS, Policy, split_rows, weight_placement
+from flexgraph.plan.policy import TIERS, Policy, policy_weight_placement, split_rows
 
 LOAD_WEIGHT, LOAD_CACHE, LOAD_HIDDEN = "load_weight", "load_cache", "load_hidden"
 COMPUTE, STORE_CACHE, STORE_HIDDEN = "compute", "store_cache", "store_hidden"
 KINDS = (LOAD_WEIGHT, LOAD_CACHE, LOAD_HIDDEN, COMPUTE, STORE_CACHE, STORE_HIDDEN)
 ID_BYTES = 8   # a token id (int64)
+KERNEL_BLOCKS = 16 << 20   # scratch of the fused attention kernel (per-thread score blocks)
 
 
 @dataclass(frozen=True)
@@ -84,11 +109,24 @@ class Sizes:
     rows_kv: int                      # gbs * nkv cache rows of one (layer, batch)
     kv_rows: tuple[int, int, int]     # rows homed on gpu, cpu, disk
     act_rows: tuple[int, int, int]    # batch rows of a hidden state homed on gpu, cpu, disk
-    kv_row_token_bytes: int           # K and V of one row, one token
+    kv_row_token_bytes: int           # K and V of one row, one token, as stored (compressed or not)
     itemsize: int
+    kv_dense_row_token_bytes: int = 0                  # K and V of one row, one token, decoded
+    kv_attn: tuple[str, str, str] = ("cpu", "cpu", "cpu")   # where attention runs over rows homed on gpu, cpu, disk
+    compress_cache: bool = False
 
-    def kv_off_rows(self) -> int:
-        return self.rows_kv - self.kv_rows[TIERS.index(self.compute_tier)]
+    def kv_loaded(self) -> list[tuple[str, str, int]]:
+        """(home tier, tier attended on, rows) of the cache rows a ``load_cache`` brings to
+        where their attention runs (rows attended where they live are not loaded)."""
+        return [(t, a, r) for t, a, r in zip(TIERS, self.kv_attn, self.kv_rows) if r and t != a]
+
+    def kv_attn_rows(self) -> dict[str, int]:
+        """Rows attended on each tier (the compute tier first)."""
+        out = {self.compute_tier: 0}
+        for a, r in zip(self.kv_attn, self.kv_rows):
+            if r:
+                out[a] = out.get(a, 0) + r
+        return out
 
     def act_off_rows(self) -> int:
         return sum(self.act_rows) - self.act_rows[TIERS.index(self.compute_tier)]
@@ -108,16 +146,31 @@ def check_policy_tiers(policy: Policy, has_gpu_tier: bool) -> None:
                             "tier in host memory")
 
 
+def kv_row_token_bytes(spec: ModelSpec, policy: Policy) -> int:
+    """Stored bytes of K and V of one cache row for one token: dense, or with
+    ``compress_cache`` the 4-bit codes and per-group scale and minimum of each (grouped
+    along the head dimension, padded to whole groups)."""
+    if policy.compress_cache:
+        return 2 * compressed_nbytes((1, spec.head_dim), policy.torch_dtype, CACHE_GROUP_DIM)
+    return 2 * spec.head_dim * policy.itemsize
+
+
 def make_sizes(spec: ModelSpec, policy: Policy, has_gpu_tier: bool) -> Sizes:
     check_policy_tiers(policy, has_gpu_tier)
     rows_kv = policy.gpu_batch_size * spec.num_kv_heads
+    ct = compute_tier(has_gpu_tier)
+    # attention where the cache lives: only meaningful when the compute tier is not the cpu
+    on_cpu = policy.cpu_cache_compute and ct != "cpu"
     return Sizes(
-        compute_tier=compute_tier(has_gpu_tier),
+        compute_tier=ct,
         rows_kv=rows_kv,
         kv_rows=split_rows(rows_kv, policy.cache),
         act_rows=split_rows(policy.gpu_batch_size, policy.activations),
-        kv_row_token_bytes=2 * spec.head_dim * policy.itemsize,
+        kv_row_token_bytes=kv_row_token_bytes(spec, policy),
         itemsize=policy.itemsize,
+        kv_dense_row_token_bytes=2 * spec.head_dim * policy.itemsize,
+        kv_attn=tuple("cpu" if on_cpu and t != ct else ct for t in TIERS),
+        compress_cache=policy.compress_cache,
     )
 
 
@@ -131,11 +184,11 @@ def hidden_bytes(spec: ModelSpec, j: int, rows: int, new_tokens: int, itemsize: 
 def workspace_bytes(spec: ModelSpec, j: int, batch: int, new_tokens: int, context: int, itemsize: int) -> int:
     """Upper bound of the temporary tensors a compute allocates (freed when it ends).
 
-    Attention: q, k, v, output and float32 norms, plus float32 scores and probabilities
-    of one query chunk (:func:`flexgraph.models.layers.attend` bounds them).  MLP: the
+    Attention: the normalised input (float32 and working dtype), q, k, v, the output and
+    the attention mask, plus contiguous copies of the keys and values it reads (the
+    fused kernel may make them) and the kernel's per-thread blocks.  MLP: the
     intermediate activations.  Head: normalised states and float32 logits.
     """
-    from flexgraph.models.layers import attention_chunk_rows
     kind = spec.layer(j).kind
     h, s = spec.hidden_size, new_tokens
     if kind == EMBED:
@@ -144,20 +197,77 @@ def workspace_bytes(spec: ModelSpec, j: int, batch: int, new_tokens: int, contex
         return batch * (h * (itemsize + 4) + spec.vocab_size * 4 * 2)
     norm = batch * s * h * (4 + itemsize)
     if kind == ATTN:
-        proj = batch * s * (2 * spec.q_size + 2 * spec.kv_size) * itemsize
-        g = spec.num_heads // spec.num_kv_heads
-        rows = batch * spec.num_kv_heads
-        q_rows = attention_chunk_rows(rows, g * s, context)
-        scores = rows * q_rows * context * (4 + 4 + itemsize)
-        return norm + proj + scores
+        proj = batch * s * (2 * spec.q_size + 2 * spec.kv_size) * itemsize * 2
+        mask = batch * s * context
+        kv_copies = 2 * batch * spec.kv_size * context * itemsize
+        return norm + proj + mask + kv_copies + KERNEL_BLOCKS
     return norm + batch * s * spec.intermediate_size * itemsize * 3
+
+
+def weight_decode_bytes(spec: ModelSpec, j: int, itemsize: int, tokens: int) -> int:
+    """Upper bound of what decoding layer j's compressed weights allocates in its compute.
+
+    The executor decodes one matrix at a time, right before its product, and drops it
+    after (:mod:`flexgraph.exec.nodes`): the largest matrix dense (rows padded to whole
+    groups), its decoder's uint8 temporaries and a padded last group.  The embedding
+    table is not decoded whole: only the groups of 64 rows that hold this step's
+    ``tokens`` (:func:`~flexgraph.compress.quant.dequantize_rows`), kept as a compact table
+    for the layer, so its bound adds to the largest other matrix.
+    """
+    e = itemsize
+    table = largest = 0
+    for w in spec.layer_weights(j):
+        if not should_compress(w.name, w.shape):
+            continue
+        rows = num_groups(w.shape[0]) * GROUP_SIZE
+        cols = math.prod(w.shape[1:])
+        if spec.layer(j).kind == EMBED and w.name == spec.embed_tokens_name:
+            decoded = min(rows, GROUP_SIZE * tokens)
+            table = decoded * cols * (2 * e + 1) + tokens * (cols * e + 64)
+        else:
+            largest = max(largest, (rows + GROUP_SIZE) * cols * (e + 1))
+    return table + largest
+
+
+def cache_decode_bytes(spec: ModelSpec, rows: int, new_tokens: int, context: int, itemsize: int) -> int:
+    """Upper bound of what a compressed cache costs the compute of one attention layer for
+    ``rows`` cache rows attended on one tier: their decoded K and V (``[rows, context, D]``
+    each, which the attention reads and writes the new entries into), the decoder's
+    temporaries (one of K, V at a time, a padded last group included) and the quantiser's
+    for the new entries (padded copy, float32 groups, codes)."""
+    d, e = spec.head_dim, itemsize
+    dp = num_groups(d) * GROUP_SIZE
+    return 2 * rows * context * d * e + rows * context * dp * (e + 1) + rows * new_tokens * dp * (e + 10)
+
+
+def offloaded_attention_bytes(spec: ModelSpec, rows: int, new_tokens: int, context: int, itemsize: int) -> int:
+    """Workspace, on the tier where they live, of the attention over ``rows`` cache rows that
+    is not on the compute tier (``cpu_cache_compute``): the query rows and their mask copied
+    over, the new keys and values on their way into the cache, float32 scores and
+    probabilities of one query chunk, and the output."""
+    from flexgraph.models.layers import attention_chunk_rows
+    g = spec.num_heads // spec.num_kv_heads
+    d, e, q_len = spec.head_dim, itemsize, g * new_tokens
+    chunk = attention_chunk_rows(rows, q_len, context)
+    return 2 * rows * q_len * d * e + rows * q_len * context + 2 * rows * new_tokens * d * e + \
+        rows * chunk * context * (4 + 4 + e)
+
+
+def offloaded_attention_moves(spec: ModelSpec, ct: str, tier: str, rows: int, new_tokens: int, context: int,
+                              itemsize: int) -> list[tuple[str, str, int]]:
+    """What crosses between the compute tier and ``tier`` when ``rows`` are attended there:
+    query rows, their mask (bool) and the new K/V out; the attention output back."""
+    g = spec.num_heads // spec.num_kv_heads
+    d, e, q_len = spec.head_dim, itemsize, g * new_tokens
+    out = rows * q_len * d * e
+    return [(ct, tier, out + rows * q_len * context + 2 * rows * new_tokens * d * e), (tier, ct, out)]
 
 
 def static_homes(spec: ModelSpec, workload: Workload, policy: Policy, sz: Sizes,
                  placement=None) -> list[tuple[tuple, str, int]]:
     """The homes that live for the whole block: weights of every layer on their tiers, and
     the KV cache of every (attention layer, GPU batch), sized for all ``cache_len`` slots."""
-    placement = placement or weight_placement(spec, policy.weights, policy.itemsize)
+    placement = placement or policy_weight_placement(spec, policy)
     homes: list[tuple[tuple, str, int]] = []
     for j in range(spec.num_layers):
         for tier, nbytes in placement.bytes_per_tier[j].items():
@@ -177,8 +287,9 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
     ct = sz.compute_tier
     gbs, e = policy.gpu_batch_size, policy.itemsize
     L, G, K, P = spec.num_layers, workload.gen_len, policy.num_gpu_batches, workload.prompt_len
-    placement = weight_placement(spec, policy.weights, e)
-    kv_off = sz.kv_off_rows()
+    placement = policy_weight_placement(spec, policy)
+    kv_loaded = sz.kv_loaded()
+    kvb = sz.kv_row_token_bytes
     act_off = sz.act_off_rows()
 
     homes = static_homes(spec, workload, policy, sz, placement)
@@ -191,6 +302,7 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
         attrs.setdefault("moves", [])
         attrs.setdefault("allocs", [])
         attrs.setdefault("needs", [])
+        attrs.setdefault("needs_on", [])
         attrs.setdefault("frees", [])
         attrs.setdefault("flops", 0.0)
         g.add_node((kind, i, j, k), kind=kind, i=i, j=j, k=k, **attrs)
@@ -213,6 +325,7 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
             for k in range(K):
                 c = (COMPUTE, i, j, k)
                 needs: list[tuple] = []
+                needs_on: list[tuple] = []
                 # rule 1: the left neighbour in the row
                 if j > 0:
                     g.add_edge((COMPUTE, i, j - 1, k), c, rule=1)
@@ -227,19 +340,24 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
                              allocs=[(("Wb", i, j, k), ct, w_off)])
                     g.add_edge(lw, c, rule=2)
                     needs.append(("W", j))
-                # rule 2 and 3: the KV cache
-                if kind == ATTN and kv_off:
+                # rule 2 and 3: the KV cache (rows attended where they live are not loaded)
+                if kind == ATTN and kv_loaded:
                     prefix = context - s     # tokens already cached
+                    cb = ("Cb", i, j, k)
+                    cb_rows: dict[str, int] = {}
+                    for _home, at, rows in kv_loaded:
+                        cb_rows[at] = cb_rows.get(at, 0) + rows
                     lc = add(LOAD_CACHE, i, j, k,
-                             moves=split_moves(sz.kv_rows, prefix * sz.kv_row_token_bytes, True) if prefix else [],
-                             allocs=[(("Cb", i, j, k), ct, kv_off * context * sz.kv_row_token_bytes)],
+                             moves=[(t, at, rows * prefix * kvb) for t, at, rows in kv_loaded] if prefix else [],
+                             allocs=[(cb, at, rows * context * kvb) for at, rows in cb_rows.items()],
                              needs=[("Cstored", i - 1, j, k)] if i > 0 else [])
                     g.add_edge(lc, c, rule=2)
                     if i > 0:
                         g.add_edge((STORE_CACHE, i - 1, j, k), lc, rule=3)
-                    needs.append(("Cb", i, j, k))
-                    sc = add(STORE_CACHE, i, j, k, moves=split_moves(sz.kv_rows, s * sz.kv_row_token_bytes, False),
-                             needs=[("Cb", i, j, k)], allocs=[(("Cstored", i, j, k), ct, 0)])
+                    needs.append(cb)
+                    needs_on += [(cb, at) for at in cb_rows]
+                    sc = add(STORE_CACHE, i, j, k, moves=[(at, t, rows * s * kvb) for t, at, rows in kv_loaded],
+                             needs=[cb], allocs=[(("Cstored", i, j, k), ct, 0)])
                     g.add_edge(c, sc, rule=3)
                 # rule 2 and 3: the activation, through its home when it has one off the compute tier
                 if act_off and 0 < j and spec.layer(j - 1).kind != HEAD:
@@ -251,9 +369,21 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
                              frees=[("Hh", i, j - 1, k), ("Hk", i, j - 1, k)])
                     g.add_edge((STORE_HIDDEN, i, j - 1, k), lh, rule=3)
                     g.add_edge(lh, c, rule=2)
-                ws = workspace_bytes(spec, j, gbs, s, context, e)
-                add(COMPUTE, i, j, k, flops=gbs * spec.layer_flops(j, s, context), needs=needs,
-                    allocs=[(("Hc", i, j, k), ct, out_bytes), (("X", i, j, k), ct, ws)],
+                ws = {ct: workspace_bytes(spec, j, gbs, s, context, e)}
+                moves = []
+                if policy.compress_weight:
+                    ws[ct] += weight_decode_bytes(spec, j, e, gbs * s)
+                if kind == ATTN:
+                    for at, rows in sz.kv_attn_rows().items():
+                        if policy.compress_cache and rows:
+                            ws[at] = ws.get(at, 0) + cache_decode_bytes(spec, rows, s, context, e)
+                        if at != ct:
+                            ws[at] = ws.get(at, 0) + offloaded_attention_bytes(spec, rows, s, context, e)
+                            ws[ct] += rows * (spec.num_heads // spec.num_kv_heads) * s * spec.head_dim * e
+                            moves += offloaded_attention_moves(spec, ct, at, rows, s, context, e)
+                add(COMPUTE, i, j, k, flops=gbs * spec.layer_flops(j, s, context), needs=needs, needs_on=needs_on,
+                    moves=moves, allocs=[(("Hc", i, j, k), ct, out_bytes)] + [(("X", i, j, k), t, b)
+                                                                              for t, b in ws.items()],
                     frees=[("X", i, j, k)])
                 if act_off and kind != HEAD and j < L - 1:
                     row_bytes = hidden_bytes(spec, j, 1, s, e)

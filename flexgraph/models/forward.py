@@ -58,6 +58,15 @@ class SequenceState:
     def key_valid(self) -> torch.Tensor:
         return self.valid[:, :self.slot + self.pos.shape[1]]
 
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The attention mask of this step (None: each layer builds it)."""
+        return None
+
+    def rope(self, inv_freq: torch.Tensor, dtype: torch.dtype):
+        """cos, sin of this step's positions: [B, s, D] each."""
+        return L.rope_cos_sin(inv_freq, self.pos, dtype)
+
 
 def layer_weights(spec: ModelSpec, j: int, lookup: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
     """The weights of layer ``j`` by role, fetched through ``lookup(store name)``."""
@@ -80,8 +89,8 @@ def compute_layer(spec: ModelSpec, j: int, w: Mapping[str, torch.Tensor], x: tor
         return L.mlp(spec, w, x), None
     cos = sin = None
     if inv_freq is not None:
-        cos, sin = L.rope_cos_sin(inv_freq, st.pos, x.dtype)
-    h, k_new, v_new = L.attention_layer(spec, w, x, segments, st.slot, st.key_valid, cos, sin)
+        cos, sin = st.rope(inv_freq, x.dtype)
+    h, k_new, v_new = L.attention_layer(spec, w, x, segments, st.slot, st.key_valid, cos, sin, st.mask)
     return h, (k_new, v_new)
 
 

@@ -8,10 +8,12 @@ Shapes (``B`` sequences, ``s`` new tokens, ``T`` keys so far, ``H`` hidden size,
 ``D`` head dim, ``nh`` query heads, ``nkv`` KV heads, ``g = nh // nkv``, ``R = B * nkv``):
 
 - hidden states ``h: [B, s, H]``
-- queries, grouped by the KV head they share: ``q: [R, g * s, D]`` — GQA is a reshape,
-  never a ``repeat`` of K/V
+- queries ``q: [B, nh, s, D]``; query head ``n * g + i`` uses KV head ``n`` (as
+  transformers' ``repeat_kv``), but K/V are never repeated: attention runs PyTorch's fused
+  kernel with grouped queries
 - a KV cache buffer ``k, v: [R, S, D]`` (row ``b * nkv + n``), of which ``[:, :T]`` is valid
-- key validity (left padding): ``key_valid: [B, T]`` bool
+- key validity (left padding): ``key_valid: [B, T]`` bool; the attention mask of a step
+  ``[B, 1, s, T]`` is built once and shared by its layers
 
 Weights come in as a mapping from *role* (the Hugging Face name with the model and block
 prefix removed, e.g. ``"self_attn.q_proj.weight"``) to tensor; see :func:`role_of`.
@@ -29,7 +31,6 @@ from flexgraph.models.spec import ModelSpec
 
 Weights = Mapping[str, torch.Tensor]
 
-_MASKED = torch.finfo(torch.float32).min   # finite, so a fully masked row stays finite (no NaN)
 
 
 def role_of(name: str) -> str:
@@ -126,82 +127,58 @@ def embed(spec: ModelSpec, w: Weights, ids: torch.Tensor, pos: torch.Tensor) -> 
 
 
 # ---- attention --------------------------------------------------------------------------
-def attention_mask(key_valid: torch.Tensor, q_slots: torch.Tensor, spec: ModelSpec, groups: int) -> torch.Tensor:
-    """Which keys each query row may see.
+def attention_mask(key_valid: torch.Tensor, slot: int, new: int, spec: ModelSpec) -> torch.Tensor:
+    """Which keys each new token may see.
 
-    key_valid: [B, T] bool; q_slots: [s] cache slot of each new token -> [B, 1, g*s, T] bool,
-    broadcastable over the KV heads of a batch row.  Causal by cache slot; Mistral's
-    sliding window also by slot (left padding shifts query and key alike).
+    key_valid: [B, T] bool (T = slot + new) -> [B, 1, new, T] bool.  Causal by cache slot;
+    Mistral's sliding window also by slot (left padding shifts query and key alike).  A
+    token always sees itself, so a padding query never has every key masked (which
+    would give NaN, and NaN reaches real tokens through the cache even when masked).
     """
     t = key_valid.shape[-1]
     k_slots = torch.arange(t, device=key_valid.device)
+    q_slots = torch.arange(slot, slot + new, device=key_valid.device)
     allowed = k_slots[None, :] <= q_slots[:, None]                      # [s, T]
     if spec.sliding_window:
         allowed &= k_slots[None, :] > q_slots[:, None] - spec.sliding_window
-    allowed = allowed.repeat(groups, 1)                                 # [g*s, T]
-    return key_valid[:, None, None, :] & allowed[None, None]            # [B, 1, g*s, T]
+    mask = key_valid[:, None, :] & allowed[None]                        # [B, s, T]
+    mask |= (k_slots[None, :] == q_slots[:, None])[None]
+    return mask[:, None]
 
 
 def attention_qkv(spec: ModelSpec, w: Weights, x: torch.Tensor, cos: torch.Tensor | None,
                   sin: torch.Tensor | None):
-    """Project normalised hidden states to grouped queries and new keys and values.
+    """Project normalised hidden states to queries and new keys and values.
 
-    x: [B, s, H] -> q: [R, g*s, D] (scaled for OPT), k, v: [R, s, D]
+    x: [B, s, H] -> q: [B, nh, s, D] (scaled for OPT), k, v: [B, nkv, s, D] (views)
     """
     b, s, _ = x.shape
-    nkv, d, g = spec.num_kv_heads, spec.head_dim, spec.num_heads // spec.num_kv_heads
+    nh, nkv, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     if spec.family == "opt":
         q = linear(x, w, "self_attn.q_proj") * (d ** -0.5)   # OPT scales before the product
     else:
         q = linear(x, w, "self_attn.q_proj")
-    k = linear(x, w, "self_attn.k_proj")
-    v = linear(x, w, "self_attn.v_proj")
-    q = q.view(b, s, nkv * g, d)
-    k = k.view(b, s, nkv, d)
+    k = linear(x, w, "self_attn.k_proj").view(b, s, nkv, d)
+    v = linear(x, w, "self_attn.v_proj").view(b, s, nkv, d)
+    q = q.view(b, s, nh, d)
     if cos is not None:
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    # [B, s, nkv, g, D] -> [B, nkv, g, s, D] -> [R, g*s, D]
-    q = q.view(b, s, nkv, g, d).permute(0, 2, 3, 1, 4).reshape(b * nkv, g * s, d)
-    k = k.permute(0, 2, 1, 3).reshape(b * nkv, s, d)
-    v = v.view(b, s, nkv, d).permute(0, 2, 1, 3).reshape(b * nkv, s, d)
-    return q, k, v
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-SCORES_CHUNK_BYTES = 64 << 20   # float32 scores of one query chunk, all rows together
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Scaled dot-product attention with grouped queries (PyTorch's fused kernel).
 
-
-def attention_chunk_rows(rows: int, q_len: int, keys: int) -> int:
-    """How many query rows :func:`attend` processes at once, so that the float32 scores
-    of a chunk (``rows x chunk x keys``) stay within ``SCORES_CHUNK_BYTES``."""
-    return max(1, min(q_len, SCORES_CHUNK_BYTES // max(1, rows * keys * 4)))
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """Scaled dot-product attention over one set of cache rows, in query chunks.
-
-    q: [r, g*s, D]; k, v: [r, T, D]; allowed: [r, g*s, T] bool -> [r, g*s, D]
-    Softmax in float32, as transformers' eager path.  Chunking the queries bounds the
-    workspace of a long prefill (scores would otherwise be ``r * (g*s) * T`` floats).
+    q: [n, nh, s, D]; k, v: [n, nkv, T, D] (any strides); mask: [n, 1, s, T] bool
+    -> [n, nh, s, D].  K and V are never repeated per query head (``enable_gqa``).
     """
-    r, q_len, _ = q.shape
-    chunk = attention_chunk_rows(r, q_len, k.shape[1])
-    kt = k.transpose(-1, -2)
-    out = torch.empty(q.shape[:-1] + (v.shape[-1],), dtype=v.dtype, device=v.device)
-    for start in range(0, q_len, chunk):
-        stop = min(q_len, start + chunk)
-        scores = torch.matmul(q[:, start:stop], kt).float()
-        if scale != 1.0:
-            scores *= scale
-        scores.masked_fill_(~allowed[:, start:stop], _MASKED)
-        probs = torch.softmax(scores, dim=-1).to(v.dtype)
-        torch.matmul(probs, v, out=out[:, start:stop])
-    return out
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def attention_output(spec: ModelSpec, w: Weights, o: torch.Tensor, b: int, s: int) -> torch.Tensor:
-    # o: [R, g*s, D] -> [B, s, H]
-    nkv, d, g = spec.num_kv_heads, spec.head_dim, spec.num_heads // spec.num_kv_heads
-    o = o.view(b, nkv, g, s, d).permute(0, 3, 1, 2, 4).reshape(b, s, nkv * g * d)
+    # o: [B, nh, s, D] -> [B, s, H]
+    o = o.transpose(1, 2).reshape(b, s, spec.q_size)
     return linear(o, w, "self_attn.out_proj" if spec.family == "opt" else "self_attn.o_proj")
 
 
@@ -252,28 +229,42 @@ def head(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor:
 
 # ---- one attention layer over a cache split into row segments -------------------------------
 def attention_layer(spec: ModelSpec, w: Weights, h: torch.Tensor, segments, slot: int,
-                    key_valid: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+                    key_valid: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                    mask: torch.Tensor | None = None):
     """Norm, projections, cache update, attention and residual of one attention layer.
 
-    h: [B, s, H]; key_valid: [B, slot + s] bool.  ``segments`` lists ``(rows, k, v)``
-    with ``rows`` a ``slice`` of the ``R = B * nkv`` cache rows and ``k, v: [r, S, D]``
-    buffers for those rows; the new keys and values are written at ``[slot, slot + s)``
-    and attention reads ``[:, :slot + s]``.  Segments let the cache live on several
-    tiers: each is attended where it is.  Returns ``(h_out [B, s, H], k_new, v_new)``
-    with ``k_new, v_new: [R, s, D]``.
+    h: [B, s, H]; key_valid: [B, slot + s] bool; ``mask`` (optional, [B, 1, s, slot + s])
+    is :func:`attention_mask`, shared by every layer of a step.  ``segments`` lists
+    ``(rows, k, v)`` with ``rows`` a ``slice`` of the ``R = B * nkv`` cache rows
+    (row ``b * nkv + n``) and ``k, v: [r, S, D]`` buffers for those rows; the new keys
+    and values are written at ``[slot, slot + s)`` and attention reads ``[:, :slot + s]``.
+    Segments let the cache live on several tiers: each is attended where it is.
+    Returns ``(h_out [B, s, H], k_new, v_new)`` with ``k_new, v_new: [R, s, D]``.
     """
     b, s, _ = h.shape
-    g = spec.num_heads // spec.num_kv_heads
-    q, k_new, v_new = attention_qkv(spec, w, attention_norm(spec, w, h), cos, sin)
-    allowed = attention_mask(key_valid, torch.arange(slot, slot + s, device=h.device), spec, g)
-    allowed = allowed.expand(b, spec.num_kv_heads, g * s, slot + s).reshape(b * spec.num_kv_heads, g * s, slot + s)
+    nkv, g, d = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads, spec.head_dim
+    t = slot + s
+    q, k, v = attention_qkv(spec, w, attention_norm(spec, w, h), cos, sin)
+    k_new, v_new = k.reshape(b * nkv, s, d), v.reshape(b * nkv, s, d)
+    if mask is None:
+        mask = attention_mask(key_valid, slot, s, spec)
     scale = attention_scale(spec)
-    outs = []
+    out = torch.empty(b, spec.num_heads, s, d, dtype=h.dtype, device=h.device)
+    by_row = out.view(b * nkv, g, s, d)                      # the same memory, one kv head per row
     for rows, k_buf, v_buf in segments:
-        k_buf[:, slot:slot + s] = k_new[rows].to(k_buf.device, k_buf.dtype)
-        v_buf[:, slot:slot + s] = v_new[rows].to(v_buf.device, v_buf.dtype)
-        o = attend(q[rows].to(k_buf.device), k_buf[:, :slot + s], v_buf[:, :slot + s],
-                   allowed[rows].to(k_buf.device), scale)
-        outs.append(o.to(h.device, h.dtype))
-    o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-    return attention_residual(spec, w, h, attention_output(spec, w, o, b, s)), k_new, v_new
+        k_buf[:, slot:t] = k_new[rows].to(k_buf.device, k_buf.dtype)
+        v_buf[:, slot:t] = v_new[rows].to(v_buf.device, v_buf.dtype)
+        dev = k_buf.device
+        start, stop = rows.indices(b * nkv)[:2]
+        if start % nkv == 0 and stop % nkv == 0:             # whole sequences: batch-shaped
+            b0, b1 = start // nkv, stop // nkv
+            kb = k_buf.view(b1 - b0, nkv, -1, d)[:, :, :t]
+            vb = v_buf.view(b1 - b0, nkv, -1, d)[:, :, :t]
+            o = attend(q[b0:b1].to(dev), kb, vb, mask[b0:b1].to(dev), scale)
+            out[b0:b1] = o.to(h.device, h.dtype)
+        else:                                                # part of a sequence's heads: per row
+            seq = torch.arange(start, stop, device=mask.device) // nkv
+            q_rows = q.reshape(b, nkv, g, s, d).reshape(b * nkv, g, s, d)[rows]
+            o = attend(q_rows.to(dev), k_buf[:, None, :t], v_buf[:, None, :t], mask[seq].to(dev), scale)
+            by_row[rows] = o.to(h.device, h.dtype)
+    return attention_residual(spec, w, h, attention_output(spec, w, out, b, s)), k_new, v_new

@@ -27,7 +27,6 @@ import networkx as nx
 
 from flexgraph.calibrate import Calibration
 from flexgraph.graph.builder import COMPUTE
-from flexgraph.models.layers import attention_chunk_rows
 from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
 from flexgraph.plan.checker import CheckedPath
 
@@ -47,7 +46,7 @@ class Matmul:
 class LayerWork:
     matmuls: list[Matmul] = field(default_factory=list)
     attn_flops: float = 0.0          # prefill attention (scores and weighted sum)
-    attn_q_rows: int = 1             # query rows per attention chunk
+    attn_q_rows: int = 1             # new tokens (the query length of the fused kernel)
     attn_bytes: int = 0              # decode attention: keys and values read
     elementwise_bytes: int = 0
 
@@ -86,7 +85,7 @@ def layer_work(spec: ModelSpec, j: int, batch: int, new: int, context: int, item
             w.attn_bytes = 2 * rows * context * spec.head_dim * itemsize + rows * q_rows * context * 8
         else:
             w.attn_flops = 4.0 * rows * q_rows * context * spec.head_dim   # masked keys cost too
-            w.attn_q_rows = attention_chunk_rows(rows, q_rows, context)
+            w.attn_q_rows = new
         w.elementwise_bytes = 10 * act + 4 * m * h * 4 + 2 * m * (spec.q_size + spec.kv_size) * itemsize * 2
     return w
 

@@ -1,0 +1,255 @@
+#!/usr/bin/env python3
+"""Throughput benchmark: flexgraph against its peers and the roofline, side by side.
+
+One invocation runs, per scenario, on the same workload (default prompt 512, generation
+32) and under the same memory cap (a cgroup limit that counts page cache; caches dropped
+before each run, see ``tools/cgroup_run.py``):
+
+- **flexgraph** with the plan its search picks: ``flexgraph plan`` runs *inside* the
+  cap (so the planner sees the cap as this machine's memory), then ``flexgraph
+  execute``; throughput is from its metrics (FlexGen's definition);
+- the **peers** (``tools/peers.py``): transformers ``generate`` with the model in RAM
+  and/or Accelerate with weights offloaded to disk, each the best batch of a sweep;
+- the **roofline** of the plan flexgraph ran: the time its bytes and FLOPs need at the
+  calibrated rates with perfect overlap (``flexgraph.plan.cost.roofline``), and which
+  resource bounds it;
+- the **cost model's estimate** for that plan, against the measurement.
+
+Scenarios (the issue's): ``a`` the bundled SmolLM2-135M in RAM (bfloat16); ``b``
+OPT-1.3B dummy under 3 GiB; ``c`` OPT-6.7B dummy under 8 GiB; ``d`` Llama-3.1-8B dummy
+under 8 GiB.  ``--compress`` adds flexgraph rows with 4-bit weights and cache.
+
+    python tools/bench.py --scenario a,b --out bench.json
+
+prints one JSON object (also written to ``--out``) and a markdown table.  Ratios are
+what to read: absolute times on a shared machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOOLS = Path(__file__).resolve().parent
+
+
+def _tool(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@dataclass
+class Scenario:
+    name: str
+    model: str
+    dummy: bool
+    cap: str
+    peers: tuple[str, ...]
+    peer_batches: tuple[int, ...]
+    num_prompts: int                     # the most prompts flexgraph's search may block together
+    note: str = ""
+
+
+SCENARIOS = {
+    "a": Scenario("a", "smollm2-135m", False, "16GiB", ("transformers",), (8, 16, 32, 64, 128), 256,
+                  "bundled model in RAM, bfloat16"),
+    "b": Scenario("b", "opt-1.3b", True, "3GiB", ("accelerate",), (1, 2, 4, 8, 16, 32), 64,
+                  "OPT-1.3B dummy under a 3 GiB cap"),
+    "c": Scenario("c", "opt-6.7b", True, "8GiB", ("accelerate",), (1, 2, 4, 8, 16), 32,
+                  "OPT-6.7B dummy under an 8 GiB cap"),
+    "d": Scenario("d", "llama-3.1-8b", True, "8GiB", ("accelerate",), (1, 2, 4, 8, 16), 32,
+                  "Llama-3.1-8B dummy under an 8 GiB cap"),
+}
+
+
+@dataclass
+class Row:
+    scenario: str
+    system: str
+    throughput: float | None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def _flexgraph_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "flexgraph.cli", "--log-format", "json", *args]
+
+
+def prepare_model(sc: Scenario) -> None:
+    """Write dummy weights and the peers' Hugging Face folder before any capped run
+    (neither is part of what is measured)."""
+    import torch
+
+    from flexgraph.weights.resolve import materialize, resolve_model
+    ref = resolve_model(sc.model, dummy=sc.dummy)
+    materialize(ref, dtype=torch.bfloat16 if sc.dummy else None, progress=True)
+    _tool("peers").hf_folder(sc.model, dtype="bfloat16", progress=True)
+
+
+def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compress: bool,
+                  timeout: float | None) -> Row:
+    cg = _tool("cgroup_run")
+    from flexgraph.sizes import parse_size
+    cap = parse_size(sc.cap)
+    plan = work / f"plan-{sc.name}{'-c4' if compress else ''}.json"
+    metrics = work / f"metrics-{sc.name}{'-c4' if compress else ''}.json"
+    offload = work / "offload"
+    args = ["plan", "--model", sc.model, "--prompt-len", str(prompt_len), "--gen-len", str(gen_len),
+            "--num-prompts", str(sc.num_prompts), "--offload-dir", str(offload), "--out", str(plan),
+            "--ignore-eos"]
+    if sc.dummy:
+        args.append("--dummy")
+    if compress:
+        args += ["--compress-weight", "--compress-cache"]
+    system = "flexgraph" + (" (4-bit)" if compress else "")
+    t0 = time.perf_counter()
+    planned = cg.run_capped(_flexgraph_cmd(*args), cap, capture_output=True, drop_caches=False, timeout=timeout)
+    plan_seconds = time.perf_counter() - t0
+    if planned.returncode != 0:
+        return Row(sc.name, system, None, {"ok": False, "reason": _last_error(planned.stderr)})
+    ran = cg.run_capped(_flexgraph_cmd("execute", str(plan), "--metrics", str(metrics), "--show", "0"), cap,
+                        capture_output=True, drop_caches=True, timeout=timeout)
+    if ran.returncode != 0:
+        return Row(sc.name, system, None, {"ok": False, "oom": ran.oom_killed, "reason": _last_error(ran.stderr),
+                                           "cgroup_peak": ran.peak_bytes})
+    m = json.loads(metrics.read_text())
+    p = json.loads(plan.read_text())
+    est, roof = p.get("estimate", {}), p.get("estimate", {}).get("roofline", {})
+    measured = m["seconds"]["total"]
+    detail = {
+        "ok": True, "policy": p["policy"], "num_sequences": m["num_sequences"], "seconds": m["seconds"],
+        "throughput_parts": m["throughput"], "cgroup_peak": ran.peak_bytes, "plan_seconds": plan_seconds,
+        "estimate_seconds": est.get("total_seconds"),
+        "estimate_error": (est["total_seconds"] - measured) / measured if est.get("total_seconds") else None,
+        "roofline_seconds": roof.get("block_seconds", 0) * m["blocks"] if roof else None,
+        "roofline_bound": roof.get("bound"), "roofline_resources": roof.get("resources"),
+        "overlap_ratio": m.get("overlap_ratio"), "executor_overhead": m.get("executor_overhead"),
+        "bytes_moved": m.get("bytes_moved"), "lanes": m.get("lanes"),
+    }
+    if detail["roofline_seconds"]:
+        detail["roofline_throughput"] = m["num_sequences"] * gen_len / detail["roofline_seconds"]
+        detail["of_roofline"] = detail["roofline_seconds"] / measured
+    return Row(sc.name, system, m["throughput"]["total"], detail)
+
+
+def _last_error(stderr: bytes | None) -> str:
+    lines = [ln for ln in (stderr or b"").decode(errors="replace").splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    return (errors or lines or ["no output"])[-1][:300]
+
+
+def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None) -> Row:
+    peers = _tool("peers")
+    model_dir = peers.hf_folder(sc.model, dtype="bfloat16", progress=False)
+    results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, timeout=timeout,
+                          on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
+    top = peers.best(results)
+    return Row(sc.name, peer, top["throughput"] if top else None,
+               {"best_batch": top["batch"] if top else None, "sweep": results})
+
+
+def ratios(rows: list[Row]) -> dict[str, Any]:
+    fg = next((r for r in rows if r.system == "flexgraph"), None)
+    out = {}
+    for r in rows:
+        if r.system != "flexgraph" and fg and fg.throughput and r.throughput:
+            out[f"flexgraph/{r.system}"] = fg.throughput / r.throughput
+    if fg and fg.detail.get("of_roofline"):
+        out["flexgraph/roofline"] = fg.detail["of_roofline"]
+    comp = next((r for r in rows if r.system == "flexgraph (4-bit)"), None)
+    if comp and fg and comp.throughput and fg.throughput:
+        out["4-bit/uncompressed"] = comp.throughput / fg.throughput
+    return out
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = ["| scenario | system | tokens/s | ratio vs flexgraph | notes |", "|---|---|---:|---:|---|"]
+    for sc_name, sc in report["scenarios"].items():
+        rows = sc["rows"]
+        fg = next((r for r in rows if r["system"] == "flexgraph"), None)
+        for r in rows:
+            tp = r["throughput"]
+            ratio = (fg["throughput"] / tp) if fg and fg["throughput"] and tp and r is not fg else None
+            d = r["detail"]
+            if r["system"].startswith("flexgraph"):
+                pol = d.get("policy") or {}
+                note = (f"gbs {pol.get('gpu_batch_size')} x {pol.get('num_gpu_batches')}, "
+                        f"{pol.get('schedule')}, % {pol.get('weights')}/{pol.get('cache')}; "
+                        if pol else "") + (
+                    f"estimate err {d['estimate_error']:+.0%}; " if d.get("estimate_error") is not None else "") + (
+                    f"{d['of_roofline']:.0%} of roofline ({d.get('roofline_throughput', 0):.1f} tok/s, "
+                    f"bound by {d.get('roofline_bound')})" if d.get("of_roofline") else "") + (
+                    f" FAILED: {d.get('reason')}" if not d.get("ok", True) else "")
+            else:
+                note = f"best batch {d.get('best_batch')}"
+            lines.append(f"| {sc_name} | {r['system']} | {tp:.2f} | "
+                         f"{'' if ratio is None else f'{ratio:.2f}x'} | {note} |" if tp is not None else
+                         f"| {sc_name} | {r['system']} | — | | {note} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scenario", default="a,b,c,d", help="comma-separated: a, b, c, d")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--compress", action="store_true", help="also run flexgraph with 4-bit weights and cache")
+    ap.add_argument("--no-peers", action="store_true", help="skip the peers (flexgraph and roofline only)")
+    ap.add_argument("--num-prompts", type=int, default=None, help="override the scenarios' prompt counts")
+    ap.add_argument("--timeout", type=float, default=3600, help="per run, seconds")
+    ap.add_argument("--out", default=None, help="write the JSON report here too")
+    args = ap.parse_args(argv)
+    names = [s.strip() for s in args.scenario.split(",") if s.strip()]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        print(f"error: unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    cg = _tool("cgroup_run")
+    problem = cg.cgroup_problem()
+    if problem:
+        print(f"error: memory caps need a writable cgroup: {problem}", file=sys.stderr)
+        return 2
+    report: dict[str, Any] = {"workload": {"prompt_len": args.prompt_len, "gen_len": args.gen_len},
+                              "started": time.strftime("%Y-%m-%d %H:%M:%S"), "scenarios": {}}
+    work = Path(tempfile.mkdtemp(prefix="flexgraph-bench-"))
+    try:
+        for name in names:
+            sc = SCENARIOS[name]
+            if args.num_prompts:
+                sc = Scenario(**{**sc.__dict__, "num_prompts": args.num_prompts})
+            print(f"== scenario {name}: {sc.note}, prompt {args.prompt_len}, gen {args.gen_len}, cap {sc.cap}",
+                  file=sys.stderr)
+            prepare_model(sc)
+            rows = [run_flexgraph(sc, args.prompt_len, args.gen_len, work, False, args.timeout)]
+            if args.compress:
+                rows.append(run_flexgraph(sc, args.prompt_len, args.gen_len, work, True, args.timeout))
+            if not args.no_peers:
+                rows += [run_peer(sc, peer, args.prompt_len, args.gen_len, args.timeout) for peer in sc.peers]
+            report["scenarios"][name] = {"note": sc.note, "cap": sc.cap, "model": sc.model,
+                                         "rows": [r.__dict__ for r in rows], "ratios": ratios(rows)}
+            print(json.dumps({"scenario": name, "ratios": report["scenarios"][name]["ratios"]}), file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(report, indent=1, default=str)
+    print(text)
+    print()
+    print(markdown(report))
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
