@@ -107,11 +107,16 @@ def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: [B, s, n, D]; cos, sin: [B, s, D]
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    # x: [B, s, n, D]; cos, sin: [B, s, D] (both halves equal) -> [B, s, n, D]
+    # x * cos + rotate_half(x) * sin, written half by half with fused multiply-adds:
+    # a third of the passes over memory of the cat-based form.
+    h = x.shape[-1] // 2
+    c, s_ = cos[:, :, None, :h], sin[:, :, None, :h]
+    x1, x2 = x[..., :h], x[..., h:]
+    out = torch.empty_like(x)
+    torch.mul(x1, c, out=out[..., :h]).addcmul_(x2, s_, value=-1)
+    torch.mul(x2, c, out=out[..., h:]).addcmul_(x1, s_)
+    return out
 
 
 # ---- embedding ----------------------------------------------------------------------------
