@@ -1,0 +1,225 @@
+"""tools/peers.py: the benchmark's peers (transformers in RAM, Accelerate offloading to disk).
+
+A tiny random Llama (hidden 64, 2 layers) runs through the real worker for both peers;
+the sweep driver must turn an OOM kill into ``ok: false``; a flexgraph store written as
+a Hugging Face folder must hold exactly the store's tensors.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS_PY = REPO / "tools" / "peers.py"
+
+
+def _load(name: str, path: Path):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+peers = _load("peers", PEERS_PY)
+cgroup_run = _load("cgroup_run", REPO / "tools" / "cgroup_run.py")
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=256, max_position_embeddings=128,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**TINY))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def _worker(args: list[str], timeout: float = 120) -> dict:
+    """The worker as the driver runs it: a subprocess printing one JSON line."""
+    p = subprocess.run([sys.executable, str(PEERS_PY), "worker", "--threads", "1", *args], capture_output=True,
+                       text=True, timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    assert lines, p.stdout + p.stderr[-2000:]
+    return json.loads(lines[-1])
+
+
+def _worker_here(capsys, args: list[str]) -> dict:
+    """The same worker in this process (saves importing torch and transformers again)."""
+    threads = torch.get_num_threads()
+    try:
+        assert peers.main(["worker", "--threads", "1", *args]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def _check_result(r: dict, batch: int, gen: int) -> None:
+    for field in peers.RESULT_FIELDS:
+        assert field in r, field
+    assert r["ok"] is True
+    assert r["batch"] == batch and r["gen_len"] == gen
+    assert r["total_s"] > 0 and r["prefill_s"] > 0 and r["decode_s"] >= 0
+    assert r["prefill_s"] + r["decode_s"] == pytest.approx(r["total_s"], rel=1e-9)
+    assert r["throughput"] == pytest.approx(batch * gen / r["total_s"], rel=1e-9)
+    assert r["tokens_timed"] == gen
+    assert r["peak_rss"] > 0
+
+
+def test_worker_transformers(tiny_hf):
+    r = _worker(["--peer", "transformers", "--model-dir", str(tiny_hf), "--batch", "3", "--prompt-len", "16",
+                 "--gen-len", "5", "--dtype", "bfloat16"])
+    _check_result(r, 3, 5)
+    assert r["peer"] == "transformers"
+
+
+needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,
+                                      reason="accelerate is not installed")
+
+
+@needs_accelerate
+def test_worker_accelerate_offloads_to_folder(tiny_hf, tmp_path, capsys):
+    off = tmp_path / "offload"
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_hf), "--batch", "2", "--prompt-len", "16",
+                 "--gen-len", "4", "--max-memory", "40000", "--offload", "folder", "--offload-folder", str(off)])
+    _check_result(r, 2, 4)
+    assert r["device_bytes"].get("disk", 0) > 0                       # the device map put weights on disk
+    files = [p for p in off.rglob("*") if p.is_file() and p.name != "index.json"]
+    assert files, "nothing was written to the offload folder"
+    assert r["offload_folder_bytes"] >= r["device_bytes"]["disk"]
+    assert r["max_memory"] == 40000
+
+
+@needs_accelerate
+def test_worker_accelerate_checkpoint_mode(tiny_hf, tmp_path, capsys):
+    """from_pretrained(device_map=...): disk weights stay in (and are read from) the checkpoint."""
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_hf), "--batch", "2", "--prompt-len", "8",
+                 "--gen-len", "3", "--max-memory", "40000", "--offload", "checkpoint",
+                                "--offload-folder", str(tmp_path / "off")])
+    _check_result(r, 2, 3)
+    assert r["offload"] == "checkpoint"
+    assert r["device_bytes"].get("disk", 0) > 0
+
+
+@needs_accelerate
+def test_budget_is_derived_from_the_cap(tiny_hf, capsys):
+    cap = 3 << 30
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_hf), "--batch", "1", "--prompt-len", "8",
+                 "--gen-len", "2", "--cap", str(cap)])
+    assert r["ok"]
+    assert r["max_memory"] == cap - r["base_rss"] - r["kv_bytes"] - r["act_bytes"] - r["slack_bytes"]
+    assert 0 < r["base_rss"] < cap
+    assert r["device_bytes"] == {"cpu": r["device_bytes"]["cpu"]}     # a tiny model fits: nothing on disk
+
+
+def test_synthetic_ids_match_flexgraph():
+    from flexgraph.exec.prompts import synthetic_prompts
+    ids = peers.synthetic_ids(3, 7, 500, seed=4)
+    assert [tuple(r) for r in ids.tolist()] == [p.input_ids for p in synthetic_prompts(3, 7, 500, seed=4)]
+
+
+def test_sweep_records_oom_and_stops(tiny_hf):
+    why = cgroup_run.cgroup_problem()
+    if why:
+        pytest.skip(why)
+    seen = []
+    results = peers.sweep("transformers", tiny_hf, [4, 1, 2], 8, 2, "48MiB", on_result=seen.append)
+    assert len(results) == 1 and seen == results                      # batch 1 OOMs: 2 and 4 not tried
+    r = results[0]
+    assert r["batch"] == 1 and r["ok"] is False and r["oom"] is True
+    assert "OOM" in r["reason"]
+    assert r["throughput"] is None
+    assert peers.best(results) is None
+    assert "no:" in peers.markdown_table(results)
+
+
+def test_best_and_table():
+    rs = [{"peer": "x", "batch": 1, "ok": True, "throughput": 2.0, "total_s": 1.0},
+          {"peer": "x", "batch": 8, "ok": True, "throughput": 5.0, "total_s": 1.0},
+          {"peer": "x", "batch": 32, "ok": False, "throughput": None, "reason": "OOM-killed"}]
+    assert peers.best(rs)["batch"] == 8
+    table = peers.markdown_table(rs)
+    assert "**best**" in table and table.count("\n") == 4
+
+
+# --- Hugging Face folders from stores ------------------------------------------------------
+
+def _dummy_store(tmp_path: Path, config: dict, dtype=torch.bfloat16):
+    from flexgraph.models.spec import ModelSpec
+    from flexgraph.weights.dummy import write_dummy
+    spec = ModelSpec.from_hf_config(config, name="tiny")
+    return write_dummy(spec, tmp_path / "store", dtype, seed=3, progress=False)
+
+
+def _read_folder(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    out = {}
+    for f in files:
+        with safe_open(folder / f, framework="pt") as st:
+            assert st.metadata() == {"format": "pt"}
+            for k in st.keys():
+                assert k not in out
+                out[k] = st.get_tensor(k)
+    return out
+
+
+@pytest.mark.parametrize("family", ["opt", "llama-untied"])
+def test_hf_folder_round_trip(tmp_path, family):
+    if family == "opt":
+        config = transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                        word_embed_proj_dim=64, vocab_size=300, max_position_embeddings=64).to_dict()
+    else:
+        config = transformers.LlamaConfig(**TINY, tie_word_embeddings=False).to_dict()
+    store = _dummy_store(tmp_path, config)
+    # small shards: several files plus an index, and one tensor (the embeddings) bigger than a shard
+    folder = peers.write_hf_folder(store, tmp_path / "hf", shard_bytes=20_000)
+    tensors = _read_folder(folder)
+    assert (folder / "model.safetensors.index.json").exists()
+    weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(weight_map) == set(tensors)
+    expected = set(store.names()) | ({"lm_head.weight"} if family != "opt" else set())
+    assert set(tensors) == expected                                   # OPT's tied head is not written
+    for name, t in tensors.items():
+        assert torch.equal(t, store.read(name)), name
+    # transformers loads it and sees the same weights (tied head included)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+    sd = model.state_dict()
+    for name in store.spec.all_weights():
+        assert torch.equal(sd[name.name], store.read(name.name)), name.name
+
+
+def test_hf_folder_converts_dtype_and_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXGRAPH_CACHE", str(tmp_path / "cache"))
+    store = _dummy_store(tmp_path, transformers.LlamaConfig(**TINY, tie_word_embeddings=True).to_dict(),
+                         dtype=torch.float32)
+    folder = peers.hf_folder(str(store.path), dtype="bfloat16", progress=False)
+    assert folder.parent == tmp_path / "cache" / "peers"
+    assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    tensors = _read_folder(folder)
+    assert "lm_head.weight" not in tensors                            # tied: the alias is not written
+    for name, t in tensors.items():
+        assert t.dtype == torch.bfloat16
+        assert torch.equal(t, store.read(name, dtype=torch.bfloat16)), name
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert peers.hf_folder(str(store.path), dtype="bfloat16", progress=False) == folder
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime       # reused, not rewritten
+    # an existing Hugging Face folder is used as it is
+    assert peers.hf_folder(str(folder)) == folder
