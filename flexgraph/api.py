@@ -53,20 +53,24 @@ class FlexModel:
                         percent: Sequence[float] | None = None, gpu_batch_size: int | None = None,
                         num_gpu_batches: int | None = None, schedule: str | None = None, dtype: str | None = None,
                         device: str | None = None, gpu_mem=None, cpu_mem=None, disk_mem=None,
-                        offload_dir: str | None = None, progress: bool = False) -> FlexModel:
+                        offload_dir: str | None = None, progress: bool = False, compress_weight: bool = False,
+                        compress_cache: bool = False, cpu_cache_compute: bool = False) -> FlexModel:
         ref = resolve_model(model, dummy=dummy)
         hardware = detect_hardware(device=device, gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem,
                                    offload_dir=offload_dir).to_json()
         knobs = Knobs(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches,
                       percent=tuple(percent) if percent is not None else None, schedule=schedule,
-                      dtype=dtype or ("float16" if hardware["device"] == "cuda" else "bfloat16"))
+                      dtype=dtype or ("float16" if hardware["device"] == "cuda" else "bfloat16"),
+                      compress_weight=compress_weight, compress_cache=compress_cache,
+                      cpu_cache_compute=cpu_cache_compute)
         store = materialize(ref, dtype=_dtype(knobs.dtype) if ref.dummy else None, progress=progress)
         return cls(ref, store, hardware, knobs, progress)
 
     def _place(self, weights: Split, dtype: str) -> None:
-        placement = weight_placement(self.spec, weights, _dtype(dtype).itemsize)
+        compress = self.knobs.compress_weight
+        placement = weight_placement(self.spec, weights, _dtype(dtype).itemsize, compress)
         self._homes = load_weight_homes(self.spec, self.store, placement, _dtype(dtype), self._tiers,
-                                        verify=True, show_progress=self.progress)
+                                        verify=True, show_progress=self.progress, compress=compress)
         self._weights = weights
 
     # ---- generation ----------------------------------------------------------------------------

@@ -41,14 +41,19 @@ def prompts_of(ids: torch.Tensor, mask: torch.Tensor) -> list[Prompt]:
 def run_tiny(store, tmp: Path, prompts: list[Prompt], gen_len: int, *, gbs: int, ngb: int,
              percent=(0, 100, 0, 100, 0, 100), gpu_mem: int | None = None, schedule: str = "zigzag",
              overlap: bool = True, prefetch: bool = True, dtype: str = "float32",
-             sampling: SamplingParams | None = None, results_path=None, metrics_path=None, trace_path=None):
-    """Plan and execute; returns (generated ids per prompt, RunReport, Plan)."""
+             sampling: SamplingParams | None = None, results_path=None, metrics_path=None, trace_path=None,
+             compress_weight: bool = False, compress_cache: bool = False, cpu_cache_compute: bool = False,
+             record_logits: bool = False):
+    """Plan and execute; returns (generated ids per prompt, RunReport, Plan).  With
+    ``record_logits`` the report's ``logits`` holds each prompt's float32 ``[gen_len, V]``."""
     ref = resolve_model(str(store.path))
     prompt_len = max(len(p.input_ids) for p in prompts)
     wl = Workload(len(prompts), prompt_len, gen_len)
     sampling = sampling or SamplingParams(ignore_eos=True)
     plan = make_plan(ref, wl, sampling, hardware(tmp, gpu_mem),
-                     Knobs(gbs, ngb, tuple(percent), schedule, dtype, prefetch=prefetch))
+                     Knobs(gbs, ngb, tuple(percent), schedule, dtype, compress_weight=compress_weight,
+                           compress_cache=compress_cache, cpu_cache_compute=cpu_cache_compute, prefetch=prefetch))
     report = run_plan(plan, store, prompts, sampling, results_path=results_path, metrics_path=metrics_path,
-                      trace_path=trace_path, options=ExecOptions(overlap=overlap, progress=False))
+                      trace_path=trace_path, options=ExecOptions(overlap=overlap, progress=False,
+                                                                 record_logits=record_logits))
     return [line["output_ids"] for line in report.results], report, plan

@@ -24,13 +24,14 @@ from flexgraph.errors import ModelError
 TOOL_PY = Path(__file__).resolve().parents[1] / "tools" / "perplexity.py"
 TEXT = Path("/usr/share/common-licenses/GPL-3")
 
-# Measured on this configuration (bfloat16, 1024 tokens, window = stride = 512):
-# baseline 21.04, compressed weights 45.93 (+118%), compressed cache 23.62 (+12.3%;
-# keys alone +14.5%, values alone +0.9%: keys dominate, likely through outlier channels that stretch
-# a whole head's group), both 57.75 (+174%).  SmolLM2-135M is tiny and its weights are
+# Measured on this configuration (bfloat16, 1024 tokens, window = stride = 512), with
+# PyTorch's fused attention kernel: baseline 21.11, compressed weights 45.19 (+114%),
+# compressed cache 24.61 (+16.6%; keys dominate — keys alone +14.5%, values alone +0.9%
+# measured earlier — likely through outlier channels that stretch a whole head's
+# group), both 48.08 (+128%).  (With the earlier eager attention: +118%, +12.3%, +174%.)  SmolLM2-135M is tiny and its weights are
 # already Q4_1 (groups of 32 along the input dim); re-quantising them along the output
 # channels compounds the two grids.  Bounds: the measured increase with ~1.3x margin.
-MAX_INCREASE_PCT = {"compressed-weights": 155.0, "compressed-cache": 16.0, "both": 225.0}
+MAX_INCREASE_PCT = {"compressed-weights": 150.0, "compressed-cache": 22.0, "both": 170.0}
 MAX_BASELINE_PPL = 40.0          # English under a sane 135M model; garbage scores in the thousands
 
 

@@ -51,7 +51,6 @@ def test_gpu_share_without_gpu_tier_is_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, expected", [
-    (["--compress-cache"], "not supported yet"),
     (["--percent", "60", "60", "0", "100", "0", "100"], "exceed 100%"),
     (["--percent", "a", "b", "c", "d", "e", "f"], "six numbers"),
     (["--gpu-batch-size", "0"], "at least 1"),

@@ -163,10 +163,11 @@ def test_user_percent_that_does_not_fit_names_rule_node_tier():
     assert "rule 4" in msg and "gpu tier" in msg and "capacity 1.00 MiB" in msg
 
 
-def test_not_yet_flags_are_refused_clearly():
-    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 1 << 30, "disk_mem": 1 << 30}
-    with pytest.raises(PlanError, match="--compress-weight is not supported yet"):
-        choose_policy(TINY, Workload(2, 2, 2), hw, Knobs(compress_weight=True))
+def test_compression_and_cpu_attention_flags_reach_the_policy():
+    hw = {"device": "cpu", "gpu_mem": 1 << 30, "cpu_mem": 1 << 30, "disk_mem": 1 << 30}
+    pol, _graph, _checked, _notes = choose_policy(TINY, Workload(2, 2, 2), hw, Knobs(
+        compress_weight=True, compress_cache=True, cpu_cache_compute=True))
+    assert pol.compress_weight and pol.compress_cache and pol.cpu_cache_compute
 
 
 def test_graph_has_flops_and_bytes():

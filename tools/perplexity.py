@@ -84,10 +84,29 @@ class CompressedBuffer:
 
     def __getitem__(self, idx) -> torch.Tensor:
         # -> decoded [R, T, D] of slots [0, T)
+        if isinstance(idx, tuple) and len(idx) == 3 and idx[1] is None:    # per-row reads buf[:, None, :T]
+            return self[idx[0], idx[2]][:, None]
         sl = self._slots(idx)
         if sl.start not in (None, 0):
             raise TypeError("a compressed cache is read as a prefix buf[:, :T]")
         return dequantize(self.q.narrow(1, 0, sl.stop))
+
+    def view(self, *shape) -> _SequenceView:
+        """Whole sequences are read as ``buf.view(B, nkv, -1, D)[:, :, :T]``."""
+        return _SequenceView(self, shape)
+
+
+class _SequenceView:
+    """``CompressedBuffer.view(B, nkv, -1, D)``: reads ``[:, :, :T]`` decode the prefix."""
+
+    def __init__(self, buf: CompressedBuffer, shape):
+        self.buf, self.shape = buf, shape
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        if not (isinstance(idx, tuple) and len(idx) == 3 and idx[0] == slice(None) and idx[1] == slice(None)):
+            raise TypeError(f"a compressed cache view supports [:, :, :T] only, got {idx!r}")
+        dec = self.buf[:, idx[2]]                                   # [R, T, D]
+        return dec.view(self.shape[0], self.shape[1], dec.shape[1], dec.shape[2])
 
 
 class CompressedKVCache(KVCache):

@@ -30,6 +30,7 @@ from functools import partial
 
 import torch
 
+from flexgraph.compress.quant import should_compress
 from flexgraph.errors import ExecutionError, FlexgraphError
 from flexgraph.exec.diskio import DiskIO
 from flexgraph.exec.homes import Tiers, load_weight_homes, make_cache_homes
@@ -41,7 +42,7 @@ from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.planfile import Plan
 from flexgraph.plan.planner import capacities, replay_plan
-from flexgraph.plan.policy import TIERS, weight_placement
+from flexgraph.plan.policy import TIERS, policy_weight_placement
 
 log = get_logger(__name__)
 LANES = KINDS
@@ -53,6 +54,7 @@ class ExecOptions:
     verify: bool = True           # check weight checksums (once per store)
     progress: bool = True
     offload_dir: str | None = None
+    record_logits: bool = False   # keep the head's float32 logits of every step (BlockOutput.logits)
 
 
 class _Instance:
@@ -77,6 +79,7 @@ class BlockTiming:
 class BlockOutput:
     ids: list[torch.Tensor]          # per GPU batch: [B, gen_len]
     timing: BlockTiming
+    logits: list[torch.Tensor] | None = None   # per GPU batch: float32 [B, gen_len, V], if recorded
 
 
 @dataclass
@@ -146,15 +149,24 @@ class Executor:
             self.memory.acquire_now({t: n for t, n in homes_request.items() if n})
             weight_homes = self.weight_homes
             if weight_homes is None:
-                placement = weight_placement(self.spec, self.policy.weights, self.policy.itemsize)
+                placement = policy_weight_placement(self.spec, self.policy)
                 weight_homes = load_weight_homes(self.spec, self.store, placement, self.policy.torch_dtype,
                                                  self.tiers, verify=self.options.verify,
-                                                 show_progress=self.options.progress)
+                                                 show_progress=self.options.progress,
+                                                 compress=self.policy.compress_weight)
+            elif any(h.compressed for layer in weight_homes for h in layer.values()) != (
+                    self.policy.compress_weight and any(should_compress(w.name, w.shape)
+                                                        for w in self.spec.all_weights())):
+                raise ExecutionError("the weights given were placed with a different --compress-weight than "
+                                     "the plan's; place them for this plan")
             cache_homes = make_cache_homes(self.spec, self.policy.num_gpu_batches, self.sizes.kv_rows,
-                                           self.plan.workload.cache_len, self.policy.torch_dtype, self.tiers)
+                                           self.plan.workload.cache_len, self.policy.torch_dtype, self.tiers,
+                                           compress=self.policy.compress_cache)
             self.state = RunState(self.spec, self.policy.torch_dtype, self.tiers, weight_homes, cache_homes,
                                   self.sizes.kv_rows, self.sizes.act_rows, self.plan.workload.prompt_len,
-                                  self.plan.sampling)
+                                  self.plan.sampling, kv_attn=self.sizes.kv_attn,
+                                  compress_cache=self.policy.compress_cache,
+                                  record_logits=self.options.record_logits)
             lane_device = "cuda" if self.device == "cuda" else "cpu"
             self.lanes = {name: Lane(name, lane_device, trace=True) for name in LANES}
         except BaseException:
@@ -279,7 +291,8 @@ class Executor:
             for src, dst, nbytes in self.graph.nodes[(node.kind, node.i, node.j, node.k)]["moves"]:
                 self.moved[(src, dst)] = self.moved.get((src, dst), 0) + nbytes
         ids = [torch.stack(out, dim=1) if out else torch.empty(0, 0, dtype=torch.long) for out in st.outputs]
-        return BlockOutput(ids, BlockTiming(start, prefill_end, time.perf_counter()))
+        logits = [torch.stack(lg, dim=1) for lg in st.logits] if st.record_logits else None
+        return BlockOutput(ids, BlockTiming(start, prefill_end, time.perf_counter()), logits)
 
     # ---- statistics -----------------------------------------------------------------------------
     def lane_busy(self) -> dict[str, float]:

@@ -16,6 +16,14 @@ Homes:
   (each row's prefix contiguous, gpt-fast style); on disk it is seq-major
   ``[S, rows, D]``, so the cached prefix is one contiguous read and a new token one
   contiguous write.
+
+Compressed (4-bit, :mod:`flexgraph.compress.quant`) on every tier when the policy says
+so: a weight home is a :class:`~flexgraph.compress.quant.QTensor` in memory, or its
+:func:`~flexgraph.compress.quant.qlayout` bytes (``scale | mn | packed``) in one file on
+disk, read whole into a preallocated byte buffer; a cache segment is a QTensor per K and
+V (grouped along ``D``) in memory, or one qlayout file per K and V on disk, seq-major, so
+the prefix of each of the three parts is one contiguous read and a new token's entry
+three contiguous writes (:class:`QDiskTensor`).
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from flexgraph.compress.quant import (CACHE_GROUP_DIM, WEIGHT_GROUP_DIM, QLayout, QTensor, qlayout, qtensor_empty,
+                                      quantize, should_compress, to_bytes_layout)
 from flexgraph.errors import ExecutionError
 from flexgraph.exec.diskio import DiskIO
 from flexgraph.log import get_logger
@@ -56,6 +66,39 @@ class DiskTensor:
         return n
 
 
+@dataclass(frozen=True)
+class QDiskTensor:
+    """A compressed tensor in a file at ``offset``, laid out by ``layout``: scale | mn | packed."""
+    path: Path
+    offset: int
+    layout: QLayout
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.nbytes
+
+    def whole(self) -> DiskTensor:
+        """The region as bytes (one read fills a :func:`qtensor_empty_bytes` buffer)."""
+        return DiskTensor(self.path, self.offset, (self.layout.nbytes,), torch.uint8)
+
+    def parts(self) -> tuple[DiskTensor, DiskTensor, DiskTensor]:
+        """``(packed, scale, mn)`` as files, in :meth:`QTensor.buffers` order."""
+        lay, o = self.layout, self.offset
+        return (DiskTensor(self.path, o + lay.packed_offset, lay.packed_shape, torch.uint8),
+                DiskTensor(self.path, o, lay.scale_shape, lay.dtype),
+                DiskTensor(self.path, o + lay.mn_offset, lay.scale_shape, lay.dtype))
+
+
+def _lead_bytes(t: DiskTensor, n: int) -> int:
+    """Bytes of the first ``n`` entries along dim 0 of a file tensor (contiguous)."""
+    shape = t.shape
+    itemsize = t.dtype.itemsize
+    per = itemsize
+    for d in shape[1:]:
+        per *= d
+    return n * per
+
+
 class Tiers:
     def __init__(self, device: str, has_gpu_tier: bool, offload_dir: str | os.PathLike, disk: DiskIO):
         self.device = device
@@ -76,6 +119,13 @@ class Tiers:
             raise ValueError("disk tensors are files; use file()")
         pin = self._pin and tier == "cpu"
         return torch.empty(tuple(shape), dtype=dtype, device=self.torch_device(tier), pin_memory=pin)
+
+    def empty_q(self, tier: str, shape, dtype: torch.dtype, group_dim: int) -> QTensor:
+        """Uninitialised buffers of a compressed ``shape`` tensor on a memory tier."""
+        if tier == "disk":
+            raise ValueError("disk tensors are files; use file()")
+        return qtensor_empty(shape, dtype, group_dim, device=self.torch_device(tier),
+                             pin_memory=self._pin and tier == "cpu")
 
     def staging(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A host buffer for a disk read headed to the device (pinned on CUDA)."""
@@ -116,6 +166,17 @@ class Tiers:
     def write(self, dst: DiskTensor, src: torch.Tensor, byte_offset: int = 0) -> None:
         self.disk.write_from(dst.path, dst.offset + byte_offset, src.contiguous())
 
+    def read_q(self, src: QDiskTensor, out: QTensor, lead: int | None = None) -> None:
+        """Read the first ``lead`` entries along dim 0 (default all) of each part of ``src``
+        into the start of ``out``'s buffers (contiguous, shaped like ``src`` after dim 0)."""
+        for part, buf in zip(src.parts(), out.buffers()):
+            self.read(part, buf, None if lead is None else _lead_bytes(part, lead))
+
+    def write_q(self, dst: QDiskTensor, src: QTensor, start: int = 0) -> None:
+        """Write ``src`` (entries ``[start, start + n)`` along dim 0 of ``dst``) into place."""
+        for part, buf in zip(dst.parts(), src.buffers()):
+            self.write(part, buf, _lead_bytes(part, start))
+
 
 # ---- weights ---------------------------------------------------------------------------
 @dataclass
@@ -123,11 +184,20 @@ class WeightHome:
     tier: str
     tensor: torch.Tensor | None = None     # gpu / cpu
     disk: DiskTensor | None = None         # disk
+    q: QTensor | None = None               # gpu / cpu, compressed
+    qdisk: QDiskTensor | None = None       # disk, compressed
+
+    @property
+    def compressed(self) -> bool:
+        return self.q is not None or self.qdisk is not None
 
 
 def load_weight_homes(spec: ModelSpec, store, placement: WeightPlacement, dtype: torch.dtype, tiers: Tiers,
-                      verify: bool, show_progress: bool = True) -> list[dict[str, WeightHome]]:
+                      verify: bool, show_progress: bool = True, compress: bool = False) -> list[dict[str, WeightHome]]:
     """Place every layer's weights on their home tiers; returns per layer {role: home}.
+
+    With ``compress``, every weight :func:`~flexgraph.compress.quant.should_compress`
+    accepts is quantised (along its output channels) and stored compressed on its tier.
 
     ``verify`` checks every checksum first, streaming (once per store: a stamp in the
     cache remembers verified files by size, mtime and inode); the placing reads skip it.
@@ -146,9 +216,11 @@ def load_weight_homes(spec: ModelSpec, store, placement: WeightPlacement, dtype:
             for w in spec.layer_weights(j):
                 tier = tiers_of[w.name]
                 name = spec.storage_name(w.name)
-                key = (name, tier)
+                squeeze = compress and should_compress(w.name, w.shape)
+                key = (name, tier, squeeze)
                 if key not in shared:
-                    shared[key] = _place_weight(store, name, w.shape, tier, dtype, tiers)
+                    place = _place_compressed if squeeze else _place_weight
+                    shared[key] = place(store, name, w.shape, tier, dtype, tiers)
                 layer[role_of(w.name)] = shared[key]
                 bar.update(1)
             homes.append(layer)
@@ -178,6 +250,20 @@ def _place_weight(store, name: str, shape, tier: str, dtype: torch.dtype, tiers:
     return WeightHome(tier, tensor=out)
 
 
+def _place_compressed(store, name: str, shape, tier: str, dtype: torch.dtype, tiers: Tiers) -> WeightHome:
+    entry = store.entry(name)
+    if tuple(entry.shape) != tuple(shape):
+        raise ExecutionError(f"weight {name} has shape {tuple(entry.shape)} in the store, the model needs {shape}")
+    q = quantize(store.read(name, dtype=dtype, verify=False), WEIGHT_GROUP_DIM)
+    if tier == "disk":
+        qd = QDiskTensor(tiers.file(f"w-{name}.q4"), 0, qlayout(shape, dtype, WEIGHT_GROUP_DIM))
+        tiers.write(qd.whole(), to_bytes_layout(q))
+        return WeightHome("disk", qdisk=qd)
+    home = tiers.empty_q(tier, shape, dtype, WEIGHT_GROUP_DIM)
+    home.copy_(q)
+    return WeightHome(tier, q=home)
+
+
 # ---- KV cache ----------------------------------------------------------------------------
 @dataclass
 class CacheSegment:
@@ -187,17 +273,36 @@ class CacheSegment:
     v: torch.Tensor | None = None
     k_disk: DiskTensor | None = None       # [S, r, D] seq-major on disk
     v_disk: DiskTensor | None = None
+    kq: QTensor | None = None              # compressed: [r, S, D] grouped along D, in memory
+    vq: QTensor | None = None
+    kq_disk: QDiskTensor | None = None     # compressed: [S, r, D] seq-major on disk
+    vq_disk: QDiskTensor | None = None
+
+    @property
+    def size(self) -> int:
+        return self.rows.stop - self.rows.start
 
 
 class CacheHome:
     """The KV cache of one (attention layer, GPU batch), split by rows across tiers."""
 
     def __init__(self, j: int, k: int, rows_per_tier: tuple[int, int, int], slots: int, head_dim: int,
-                 dtype: torch.dtype, tiers: Tiers):
+                 dtype: torch.dtype, tiers: Tiers, compress: bool = False):
         self.segments: list[CacheSegment] = []
         for tier, rows in row_ranges(rows_per_tier).items():
             r = rows.stop - rows.start
-            if tier == "disk":
+            if compress and tier == "disk":
+                lay = qlayout((slots, r, head_dim), dtype, CACHE_GROUP_DIM)
+                kd = QDiskTensor(tiers.file(f"kv-{j}-{k}.kq"), 0, lay)
+                vd = QDiskTensor(tiers.file(f"kv-{j}-{k}.vq"), 0, lay)
+                for d in (kd, vd):
+                    _preallocate(d.whole(), tiers)
+                self.segments.append(CacheSegment(tier, rows, kq_disk=kd, vq_disk=vd))
+            elif compress:
+                shape = (r, slots, head_dim)
+                self.segments.append(CacheSegment(tier, rows, kq=tiers.empty_q(tier, shape, dtype, CACHE_GROUP_DIM),
+                                                  vq=tiers.empty_q(tier, shape, dtype, CACHE_GROUP_DIM)))
+            elif tier == "disk":
                 shape = (slots, r, head_dim)
                 kd = DiskTensor(tiers.file(f"kv-{j}-{k}.k"), 0, shape, dtype)
                 vd = DiskTensor(tiers.file(f"kv-{j}-{k}.v"), 0, shape, dtype)
@@ -220,8 +325,8 @@ def _preallocate(d: DiskTensor, tiers: Tiers) -> None:
 
 
 def make_cache_homes(spec: ModelSpec, num_gpu_batches: int, rows_per_tier, slots: int, dtype: torch.dtype,
-                     tiers: Tiers) -> dict[tuple[int, int], CacheHome]:
-    return {(j, k): CacheHome(j, k, rows_per_tier, slots, spec.head_dim, dtype, tiers)
+                     tiers: Tiers, compress: bool = False) -> dict[tuple[int, int], CacheHome]:
+    return {(j, k): CacheHome(j, k, rows_per_tier, slots, spec.head_dim, dtype, tiers, compress)
             for j in range(spec.num_layers) if spec.layer(j).kind == ATTN for k in range(num_gpu_batches)}
 
 
@@ -260,5 +365,5 @@ def mark_verified(store) -> None:
         log.warning("verification_stamp_not_written", path=str(path), error=str(e))
 
 
-__all__ = ["TIERS", "Tiers", "DiskTensor", "WeightHome", "CacheHome", "CacheSegment", "load_weight_homes",
-           "make_cache_homes", "needs_verification", "mark_verified"]
+__all__ = ["TIERS", "Tiers", "DiskTensor", "QDiskTensor", "WeightHome", "CacheHome", "CacheSegment",
+           "load_weight_homes", "make_cache_homes", "needs_verification", "mark_verified"]

@@ -21,10 +21,11 @@ the new entries are quantised into their slots — in the home for rows attended
 live, else into the working buffer, from which ``store_cache`` writes the compressed slot
 home.
 
-Attention where the cache lives (``kv_attn``, from ``cpu_cache_compute``): rows whose
-attention tier is their home tier are attended in place (their home tensors are the
-segments; :func:`~flexgraph.models.layers.attention_layer` moves the query rows over and
-the output back); rows loaded by ``load_cache`` go to their attention tier.
+Attention where the cache lives (``kv_attn``, from ``cpu_cache_compute``; decode steps
+only): rows whose attention tier is their home tier are attended in place (their home
+tensors are the segments; :func:`~flexgraph.models.layers.attention_layer` moves the
+query rows over and the output back); rows loaded by ``load_cache`` go to their
+attention tier.
 """
 
 from __future__ import annotations
@@ -111,9 +112,10 @@ class RunState:
         self.logits = [[] for _ in batches]
         self._steps.clear()
 
-    def attn_tier(self, home_tier: str) -> str:
-        """The tier where attention over cache rows homed on ``home_tier`` runs."""
-        return self.kv_attn[TIERS.index(home_tier)]
+    def attn_tier(self, home_tier: str, i: int) -> str:
+        """The tier where attention over cache rows homed on ``home_tier`` runs at step ``i``
+        (the prefill always on the compute tier; see :meth:`Sizes.attn_tiers`)."""
+        return self.kv_attn[TIERS.index(home_tier)] if i > 0 else self.ct
 
     def step(self, i: int, k: int) -> StepInputs:
         key = (i, k)
@@ -190,7 +192,7 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     buf, sizes = {}, {}
     d = st.spec.head_dim
     for seg in home.segments:
-        at = st.attn_tier(seg.tier)
+        at = st.attn_tier(seg.tier, i)
         if at == seg.tier:
             continue
         r = seg.size
@@ -261,7 +263,10 @@ def compute(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
         w, x = _embedding_rows(w, x)
     segments, finish = _cache_segments(st, i, j, k, keys) if kind == ATTN else (None, None)
     inputs = _StepView(step)
-    out, _kv = compute_layer(spec, j, _Decoded(w), x, inputs, segments, st.inv_freq)
+    if kind == HEAD and _head_chunk_rows(w) is not None:
+        out = _head_in_chunks(spec, w, x)
+    else:
+        out, _kv = compute_layer(spec, j, _Decoded(w), x, inputs, segments, st.inv_freq)
     if finish is not None:
         finish()
     if kind == HEAD:
@@ -335,6 +340,35 @@ def _embedding_rows(w: dict, ids: torch.Tensor):
     return {**w, "embed_tokens.weight": dequantize_rows(table, uniq)}, inverse
 
 
+def _head_chunk_rows(w: dict) -> int | None:
+    """Rows of a compressed output head decoded at a time (whole groups), or None when it
+    is not compressed or fits in one chunk (see :func:`flexgraph.graph.builder.head_chunk_rows`)."""
+    from flexgraph.graph.builder import head_chunk_rows
+    q = w.get("lm_head.weight")
+    if not isinstance(q, QTensor):
+        return None
+    rows = head_chunk_rows(q.shape[1], q.dtype.itemsize)
+    return rows if rows < q.shape[0] else None
+
+
+def _head_in_chunks(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
+    """The head's logits ``[B, V]`` (float32) of the last position, with a compressed
+    ``lm_head`` decoded a chunk of whole groups of vocabulary rows at a time, so the
+    decoded part stays small however large the vocabulary."""
+    q: QTensor = w["lm_head.weight"]
+    rows, gs = _head_chunk_rows(w), q.group_size
+    h = x[:, -1:]
+    vocab = q.shape[0]
+    out = torch.empty(h.shape[0], vocab, dtype=torch.float32, device=h.device)
+    for a in range(0, vocab, rows):
+        n = min(rows, vocab - a)
+        g0, g1 = a // gs, -(-(a + n) // gs)
+        part = QTensor(q.packed[g0 * gs // 2:g1 * gs // 2], q.scale[g0:g1], q.mn[g0:g1], (n, q.shape[1]), q.dtype,
+                       0, gs)
+        out[:, a:a + n] = L.head(spec, _Decoded({**w, "lm_head.weight": part}), h)[:, 0]
+    return out
+
+
 def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
     """``(segments, finish)``: the ``(rows, k, v)`` buffers attention reads and writes, and
     what to do after it (quantise the new entries, with a compressed cache; else None)."""
@@ -343,7 +377,7 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
     segs = []
     if not st.compress_cache:
         for seg in home.segments:
-            if st.attn_tier(seg.tier) == seg.tier:       # attended where it lives
+            if st.attn_tier(seg.tier, i) == seg.tier:    # attended where it lives
                 segs.append((seg.rows, seg.k, seg.v))
             else:
                 kv = working[seg.tier]
@@ -354,7 +388,7 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
     total = slot + new
     encode = []                                          # (dense [r, T, D], compressed, seq-major)
     for seg in home.segments:
-        at = st.attn_tier(seg.tier)
+        at = st.attn_tier(seg.tier, i)
         if at == seg.tier:
             src, seq_major = (seg.kq, seg.vq), False
         else:
@@ -390,7 +424,7 @@ def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     a, b = step.slot, step.slot + step.new
     working = st.buffers[keys[("Cb", i, j, k)]]
     for seg in st.cache_homes[(j, k)].segments:
-        if st.attn_tier(seg.tier) == seg.tier:
+        if st.attn_tier(seg.tier, i) == seg.tier:
             continue
         if st.compress_cache:
             rows: _QRows = working[seg.tier]

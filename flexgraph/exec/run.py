@@ -40,6 +40,7 @@ class RunReport:
     results: list[dict[str, Any]] = field(default_factory=list)   # this run's lines
     metrics: dict[str, Any] = field(default_factory=dict)
     skipped_blocks: int = 0
+    logits: list[Any] = field(default_factory=list)   # with ExecOptions(record_logits=True): per prompt [gen_len, V]
 
 
 def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: SamplingParams | None = None,
@@ -83,6 +84,9 @@ def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: S
                 if results is not None:
                     results.append(lines)
                 report.results.extend(lines)
+                if out.logits is not None:
+                    gbs = pol.gpu_batch_size
+                    report.logits.extend(out.logits[n // gbs][n % gbs] for n in range(len(blocks[b])))
                 log.info("block_done", block=b + 1, of=len(blocks),
                          seconds=round(out.timing.end - out.timing.start, 3))
         finally:

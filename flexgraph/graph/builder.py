@@ -34,13 +34,17 @@ Compression and attention where the cache lives (policy flags) change sizes and 
   every row it attends to — loaded and home rows alike — into dense K/V, attends with this
   step's new entries in full precision (as FlexGen does), then quantises them into their
   slots: :func:`cache_decode_bytes` in the workspace of the tier the attention runs on.
-- ``cpu_cache_compute`` (with a gpu tier): attention over the rows homed on cpu runs on
-  the cpu, in place (no ``load_cache`` of them, and their new entries are written by the
-  compute); rows homed on disk are loaded into a ``Cb`` on the *cpu* tier and attended
-  there.  What crosses instead are the compute's own moves — query rows, their mask and the
-  new K/V gpu->cpu, the attention output cpu->gpu — and the cpu part of the attention
-  workspace is an ``X`` allocation on the cpu tier (:func:`offloaded_attention_bytes`).
-  The compute's ``needs_on`` names the tier each working buffer must be on.
+- ``cpu_cache_compute`` (with a gpu tier): at decode steps, attention over the rows
+  homed on cpu runs on the cpu, in place (no ``load_cache`` of them, and their new entries
+  are written by the compute, after the prefill's were stored: a rule-3 edge); rows homed
+  on disk are loaded into a ``Cb`` on the *cpu* tier and attended there.  The prefill
+  attends on the compute tier as usual (there is no prefix to read, and its keys and
+  values are there already).  What crosses instead are the compute's own moves — query
+  rows, their mask and the new K/V gpu->cpu, the attention output cpu->gpu — and the cpu
+  part of the attention workspace is an ``X`` allocation on the cpu tier
+  (:func:`offloaded_attention_bytes`).  The compute's ``needs_on`` names the tier each
+  working buffer must be on.
+
 Edges are the paper's rules 1-3 as data dependencies; a small example, one layer
 ``j`` of two GPU batches with the cache partly on disk ::
 
@@ -112,18 +116,24 @@ class Sizes:
     kv_row_token_bytes: int           # K and V of one row, one token, as stored (compressed or not)
     itemsize: int
     kv_dense_row_token_bytes: int = 0                  # K and V of one row, one token, decoded
-    kv_attn: tuple[str, str, str] = ("cpu", "cpu", "cpu")   # where attention runs over rows homed on gpu, cpu, disk
+    kv_attn: tuple[str, str, str] = ("cpu", "cpu", "cpu")   # where decode attends rows homed on gpu, cpu, disk
     compress_cache: bool = False
 
-    def kv_loaded(self) -> list[tuple[str, str, int]]:
+    def attn_tiers(self, decode: bool) -> tuple[str, str, str]:
+        """Where the attention over rows homed on gpu, cpu, disk runs.  The prefill attends
+        everything on the compute tier: there is no cached prefix to read, and this step's
+        entries are there already (FlexGen's ``cpu_cache_compute`` is for decoding too)."""
+        return self.kv_attn if decode else (self.compute_tier,) * len(TIERS)
+
+    def kv_loaded(self, decode: bool = True) -> list[tuple[str, str, int]]:
         """(home tier, tier attended on, rows) of the cache rows a ``load_cache`` brings to
         where their attention runs (rows attended where they live are not loaded)."""
-        return [(t, a, r) for t, a, r in zip(TIERS, self.kv_attn, self.kv_rows) if r and t != a]
+        return [(t, a, r) for t, a, r in zip(TIERS, self.attn_tiers(decode), self.kv_rows) if r and t != a]
 
-    def kv_attn_rows(self) -> dict[str, int]:
+    def kv_attn_rows(self, decode: bool = True) -> dict[str, int]:
         """Rows attended on each tier (the compute tier first)."""
         out = {self.compute_tier: 0}
-        for a, r in zip(self.kv_attn, self.kv_rows):
+        for a, r in zip(self.attn_tiers(decode), self.kv_rows):
             if r:
                 out[a] = out.get(a, 0) + r
         return out
@@ -204,28 +214,45 @@ def workspace_bytes(spec: ModelSpec, j: int, batch: int, new_tokens: int, contex
     return norm + batch * s * spec.intermediate_size * itemsize * 3
 
 
+HEAD_CHUNK_BYTES = 32 << 20    # a compressed output head is decoded this many bytes of rows at a time
+
+
+def head_chunk_rows(cols: int, itemsize: int) -> int:
+    """Vocabulary rows of a compressed ``lm_head`` decoded at a time (whole groups)."""
+    return max(GROUP_SIZE, HEAD_CHUNK_BYTES // (cols * itemsize) // GROUP_SIZE * GROUP_SIZE)
+
+
+def matrix_decode_bytes(rows: int, cols: int, itemsize: int) -> int:
+    """What :func:`~flexgraph.compress.quant.dequantize` of a ``[rows, cols]`` matrix
+    grouped along its rows allocates: the dense output, one nibble plane of the codes at a
+    time (half a byte per padded element), and a padded last group decoded aside."""
+    padded = num_groups(rows) * GROUP_SIZE
+    return rows * cols * itemsize + padded * cols // 2 + GROUP_SIZE * cols * (itemsize + 1)
+
+
 def weight_decode_bytes(spec: ModelSpec, j: int, itemsize: int, tokens: int) -> int:
     """Upper bound of what decoding layer j's compressed weights allocates in its compute.
 
     The executor decodes one matrix at a time, right before its product, and drops it
-    after (:mod:`flexgraph.exec.nodes`): the largest matrix dense (rows padded to whole
-    groups), its decoder's uint8 temporaries and a padded last group.  The embedding
-    table is not decoded whole: only the groups of 64 rows that hold this step's
-    ``tokens`` (:func:`~flexgraph.compress.quant.dequantize_rows`), kept as a compact table
-    for the layer, so its bound adds to the largest other matrix.
+    after (:mod:`flexgraph.exec.nodes`): the largest one counts.  The output head is
+    decoded :func:`head_chunk_rows` vocabulary rows at a time.  The embedding table is not
+    decoded whole: only the groups of 64 rows that hold this step's ``tokens``
+    (:func:`~flexgraph.compress.quant.dequantize_rows`), kept as a compact table for the
+    layer, so its bound adds to the largest other matrix.
     """
     e = itemsize
     table = largest = 0
     for w in spec.layer_weights(j):
         if not should_compress(w.name, w.shape):
             continue
-        rows = num_groups(w.shape[0]) * GROUP_SIZE
-        cols = math.prod(w.shape[1:])
+        rows, cols = w.shape[0], math.prod(w.shape[1:])
         if spec.layer(j).kind == EMBED and w.name == spec.embed_tokens_name:
-            decoded = min(rows, GROUP_SIZE * tokens)
+            decoded = min(num_groups(rows) * GROUP_SIZE, GROUP_SIZE * tokens)
             table = decoded * cols * (2 * e + 1) + tokens * (cols * e + 64)
         else:
-            largest = max(largest, (rows + GROUP_SIZE) * cols * (e + 1))
+            if w.name == "lm_head.weight":
+                rows = min(rows, head_chunk_rows(cols, e))
+            largest = max(largest, matrix_decode_bytes(rows, cols, e))
     return table + largest
 
 
@@ -243,24 +270,23 @@ def cache_decode_bytes(spec: ModelSpec, rows: int, new_tokens: int, context: int
 def offloaded_attention_bytes(spec: ModelSpec, rows: int, new_tokens: int, context: int, itemsize: int) -> int:
     """Workspace, on the tier where they live, of the attention over ``rows`` cache rows that
     is not on the compute tier (``cpu_cache_compute``): the query rows and their mask copied
-    over, the new keys and values on their way into the cache, float32 scores and
-    probabilities of one query chunk, and the output."""
-    from flexgraph.models.layers import attention_chunk_rows
+    over, the new keys and values on their way into the cache, contiguous copies of the
+    keys and values the fused kernel may make, its per-thread blocks, and the output."""
     g = spec.num_heads // spec.num_kv_heads
-    d, e, q_len = spec.head_dim, itemsize, g * new_tokens
-    chunk = attention_chunk_rows(rows, q_len, context)
-    return 2 * rows * q_len * d * e + rows * q_len * context + 2 * rows * new_tokens * d * e + \
-        rows * chunk * context * (4 + 4 + e)
+    d, e, s = spec.head_dim, itemsize, new_tokens
+    return (2 * rows * g * s * d * e + rows * s * context + 2 * rows * s * d * e + 2 * rows * context * d * e
+            + KERNEL_BLOCKS)
 
 
 def offloaded_attention_moves(spec: ModelSpec, ct: str, tier: str, rows: int, new_tokens: int, context: int,
                               itemsize: int) -> list[tuple[str, str, int]]:
-    """What crosses between the compute tier and ``tier`` when ``rows`` are attended there:
-    query rows, their mask (bool) and the new K/V out; the attention output back."""
+    """What crosses between the compute tier and ``tier`` when ``rows`` are attended there
+    (at most; whole sequences share their mask): the query rows, their mask (bool) and the
+    new K/V out, the attention output back."""
     g = spec.num_heads // spec.num_kv_heads
-    d, e, q_len = spec.head_dim, itemsize, g * new_tokens
-    out = rows * q_len * d * e
-    return [(ct, tier, out + rows * q_len * context + 2 * rows * new_tokens * d * e), (tier, ct, out)]
+    d, e, s = spec.head_dim, itemsize, new_tokens
+    out = rows * g * s * d * e
+    return [(ct, tier, out + rows * s * context + 2 * rows * s * d * e), (tier, ct, out)]
 
 
 def static_homes(spec: ModelSpec, workload: Workload, policy: Policy, sz: Sizes,
@@ -288,7 +314,6 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
     gbs, e = policy.gpu_batch_size, policy.itemsize
     L, G, K, P = spec.num_layers, workload.gen_len, policy.num_gpu_batches, workload.prompt_len
     placement = policy_weight_placement(spec, policy)
-    kv_loaded = sz.kv_loaded()
     kvb = sz.kv_row_token_bytes
     act_off = sz.act_off_rows()
 
@@ -318,6 +343,7 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
     for i in range(G):
         s = P if i == 0 else 1
         context = P + i                 # keys visible to the new tokens, themselves included
+        kv_loaded = sz.kv_loaded(decode=i > 0)
         for j in range(L):
             kind = spec.layer(j).kind
             w_off = sum(b for t, b in placement.bytes_per_tier[j].items() if t != ct)
@@ -359,6 +385,11 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
                     sc = add(STORE_CACHE, i, j, k, moves=[(at, t, rows * s * kvb) for t, at, rows in kv_loaded],
                              needs=[cb], allocs=[(("Cstored", i, j, k), ct, 0)])
                     g.add_edge(c, sc, rule=3)
+                elif kind == ATTN and i > 0 and sz.kv_loaded(decode=i > 1):
+                    # the previous step stored entries this one reads in place (cpu_cache_compute
+                    # with no rows to load): the home must have them first
+                    g.add_edge((STORE_CACHE, i - 1, j, k), c, rule=3)
+                    needs.append(("Cstored", i - 1, j, k))
                 # rule 2 and 3: the activation, through its home when it has one off the compute tier
                 if act_off and 0 < j and spec.layer(j - 1).kind != HEAD:
                     prev_bytes = hidden_bytes(spec, j - 1, 1, s, e)
@@ -374,7 +405,7 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
                 if policy.compress_weight:
                     ws[ct] += weight_decode_bytes(spec, j, e, gbs * s)
                 if kind == ATTN:
-                    for at, rows in sz.kv_attn_rows().items():
+                    for at, rows in sz.kv_attn_rows(decode=i > 0).items():
                         if policy.compress_cache and rows:
                             ws[at] = ws.get(at, 0) + cache_decode_bytes(spec, rows, s, context, e)
                         if at != ct:

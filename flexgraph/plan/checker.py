@@ -15,6 +15,8 @@ Rules, as checked (see ``../shared/DESIGN.md``):
    the previous token for j = 0);
 2. what a compute reads is resident on the compute tier: the layer's weights (a working
    buffer when part of them is homed elsewhere), its KV cache rows, its input activation;
+   a buffer named in the node's ``needs_on`` must be resident on the tier given there
+   (with ``cpu_cache_compute`` the cache rows loaded from disk are attended on the cpu);
 3. what a compute produces reaches its consumers: a KV entry is stored to its home
    before the next token loads that cache; an activation stored to its home before it
    is loaded back; nothing is stored before it is produced;
@@ -103,6 +105,9 @@ def check_path(graph: nx.DiGraph, path: list[tuple], capacity: dict[str, int | N
                     raise RuleViolation(*_missing(graph, node, kind, buf))
             my_uses.append(buf)
             my_deps.add(producer[buf])
+        for need, tier in attrs.get("needs_on", ()):
+            if need in alive and not any(t == tier for t, _n in alive[need]):
+                raise RuleViolation(*_missing(graph, node, kind, need, tier))
         uses.append(my_uses)
         deps.append(sorted(my_deps))
         for buf, tier, nbytes in attrs["allocs"]:
@@ -153,16 +158,18 @@ def check_path(graph: nx.DiGraph, path: list[tuple], capacity: dict[str, int | N
                        home_bytes={t: home[t] for t in TIERS}, peak=peak, peak_at=peak_at, timeline=timeline)
 
 
-def _missing(graph: nx.DiGraph, node: tuple, kind: str, buf: tuple) -> tuple[int, str, str]:
+def _missing(graph: nx.DiGraph, node: tuple, kind: str, buf: tuple, tier: str | None = None) -> tuple[int, str, str]:
     what = {"Hc": "its input activation", "Cb": "its KV cache rows", "Hh": "the activation it loads",
             "Cstored": "the KV entry of the previous token"}.get(buf[0], str(buf))
-    ct = graph.graph["compute_tier"]
+    if tier is None:
+        tier = dict(graph.nodes[node].get("needs_on", ())).get(buf, graph.graph["compute_tier"])
     if buf[0] == "Cstored":
-        return 3, _describe(node), f"{what} (i={buf[1]}) was never stored to its home before this load"
+        reader = "square reads it there" if kind == COMPUTE else "load"
+        return 3, _describe(node), f"{what} (i={buf[1]}) was never stored to its home before this {reader}"
     if buf[0] == "Hh":
         return 3, _describe(node), f"{what} was never stored to its home (no store_hidden before it)"
     if kind == COMPUTE:
-        return 2, _describe(node), f"{what} {buf} is not on the {ct} tier when it runs"
+        return 2, _describe(node), f"{what} {buf} is not on the {tier} tier when it runs"
     return 3, _describe(node), f"{what} {buf} does not exist yet (or was already freed) when it runs"
 
 

@@ -34,7 +34,7 @@ from flexgraph.models.sampling import SamplingParams
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.checker import CheckedPath, check_path
 from flexgraph.plan.planfile import Plan
-from flexgraph.plan.policy import TIERS, Policy, Split, weight_placement
+from flexgraph.plan.policy import TIERS, Policy, Split, policy_weight_placement
 from flexgraph.plan.traversal import make_path
 from flexgraph.sizes import format_size
 
@@ -66,12 +66,20 @@ def default_dtype(device: str) -> str:
     return "float16" if device == "cuda" else "bfloat16"
 
 
-def _not_yet(knobs: Knobs) -> None:
-    for flag, on in (("--compress-weight", knobs.compress_weight), ("--compress-cache", knobs.compress_cache),
-                     ("--cpu-cache-compute", knobs.cpu_cache_compute)):
-        if on:
-            raise PlanError(f"{flag} is not supported yet (4-bit compression and attention where the cache "
-                            "lives are planned); leave it out")
+def flag_notes(knobs: Knobs, has_gpu: bool) -> list[str]:
+    """What the compression / attention flags mean for this plan (stated in ``chosen.notes``)."""
+    notes = []
+    if knobs.compress_weight:
+        notes.append("weights: 4-bit group-wise (group 64 along output channels) on every tier, decoded "
+                     "in the compute; sizes are the compressed ones")
+    if knobs.compress_cache:
+        notes.append("KV cache: 4-bit group-wise (group 64 along the head dimension) on every tier; "
+                     "each step's new entries are used in full precision, then quantised")
+    if knobs.cpu_cache_compute:
+        notes.append("decode attention over the cache rows homed on cpu and disk runs on the cpu (the prefill's "
+                     "on the gpu tier)" if has_gpu else
+                     "--cpu-cache-compute has no effect without a gpu tier (attention already runs on the cpu)")
+    return notes
 
 
 def _splits(has_gpu: bool) -> list[Split]:
@@ -147,9 +155,13 @@ def plan_for_policy(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu
     return graph, check_path(graph, path, cap, keep_timeline=keep_timeline)
 
 
+def policy_flags(knobs: Knobs) -> dict[str, bool]:
+    return {"compress_weight": knobs.compress_weight, "compress_cache": knobs.compress_cache,
+            "cpu_cache_compute": knobs.cpu_cache_compute}
+
+
 def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Knobs):
     """Fill in the knobs the user left out; returns (policy, graph, checked, notes)."""
-    _not_yet(knobs)
     cap = capacities(hardware)
     has_gpu = cap["gpu"] is not None
     dtype = knobs.dtype or default_dtype(hardware.get("device", "cpu"))
@@ -160,7 +172,8 @@ def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
     while True:
         ngb = knobs.num_gpu_batches or min(math.ceil(workload.num_prompts / gbs), 8)
         schedule = knobs.schedule or ("zigzag" if ngb > 1 else "row")
-        base = Policy(gbs, ngb, Split(0, 100), Split(0, 100), Split(0, 100), schedule=schedule, dtype=dtype)
+        base = Policy(gbs, ngb, Split(0, 100), Split(0, 100), Split(0, 100), schedule=schedule, dtype=dtype,
+                      **policy_flags(knobs))
         if knobs.percent is not None:
             p = knobs.percent
             candidates = iter([(Split(p[0], p[1]), Split(p[2], p[3]), Split(p[4], p[5]))])
@@ -231,8 +244,10 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
         policy, graph, checked, notes, candidates = choose_by_search(spec, workload, hardware, knobs, cost_model)
     else:
         policy, graph, checked, notes = choose_policy(spec, workload, hardware, knobs)
-    sz = make_sizes(spec, policy, hardware.get("gpu_mem") is not None)
-    placement = weight_placement(spec, policy.weights, policy.itemsize)
+    has_gpu = hardware.get("gpu_mem") is not None
+    sz = make_sizes(spec, policy, has_gpu)
+    placement = policy_weight_placement(spec, policy)
+    notes = notes + flag_notes(knobs, has_gpu)
     estimate = {}
     if cost_model is not None:
         estimate = plan_estimate(graph, checked, cost_model, workload, policy)

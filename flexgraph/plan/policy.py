@@ -16,17 +16,26 @@ Placement turns percentages into concrete homes:
   ``batch x kv_head`` rows for the cache, batch rows for activations — with each tier
   holding a contiguous run of rows in the proportions asked for (largest remainder).
   Any mix is valid for all three kinds.
+
+Compression (``compress_weight``, ``compress_cache``: FlexGen's group-wise 4-bit scheme,
+:mod:`flexgraph.compress.quant`) changes what a tensor *costs*, not where the rule puts
+it: with ``compress_weight`` every weight :func:`~flexgraph.compress.quant.should_compress`
+accepts is stored compressed on its home tier, and placement and the per-tier bytes use
+the compressed sizes (:func:`stored_weight_bytes`).  ``cpu_cache_compute`` (with a gpu
+tier) runs the attention over the cache rows homed on cpu and disk on the cpu.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
+from flexgraph.compress.quant import WEIGHT_GROUP_DIM, packed_shape, scale_shape, should_compress
 from flexgraph.errors import PlanError
-from flexgraph.models.spec import ModelSpec
+from flexgraph.models.spec import ModelSpec, WeightInfo
 
 TIERS = ("gpu", "cpu", "disk")
 SCHEDULES = ("row", "zigzag")
@@ -146,14 +155,26 @@ class WeightPlacement:
         return {t: 100.0 * tot[t] / total for t in TIERS}
 
 
-def weight_placement(spec: ModelSpec, split: Split, itemsize: int) -> WeightPlacement:
+def stored_weight_bytes(w: WeightInfo, itemsize: int, compress: bool = False) -> int:
+    """Bytes of one weight tensor as stored on its home tier: dense, or — with ``compress``
+    and when :func:`~flexgraph.compress.quant.should_compress` accepts it — its 4-bit codes
+    plus per-group scale and minimum in the working dtype (padding included, exactly what
+    :func:`~flexgraph.compress.quant.compressed_nbytes` gives)."""
+    if compress and should_compress(w.name, w.shape):
+        return (math.prod(packed_shape(w.shape, WEIGHT_GROUP_DIM))
+                + 2 * math.prod(scale_shape(w.shape, WEIGHT_GROUP_DIM)) * itemsize)
+    return w.numel * itemsize
+
+
+def weight_placement(spec: ModelSpec, split: Split, itemsize: int, compress: bool = False) -> WeightPlacement:
     """FlexGen's rule: within each layer, a tensor's home is chosen by the midpoint of its
-    cumulative byte range against the gpu / cpu / disk percentage boundaries."""
+    cumulative byte range against the gpu / cpu / disk percentage boundaries.  Byte sizes
+    are the stored ones (compressed with ``compress``), so the achieved split is in real bytes."""
     gpu_f, cpu_f, _ = split.fractions()
     tiers, per_tier = [], []
     for j in range(spec.num_layers):
         ws = spec.layer_weights(j)
-        sizes = [w.numel * itemsize for w in ws]
+        sizes = [stored_weight_bytes(w, itemsize, compress) for w in ws]
         total = sum(sizes) or 1
         acc, assigned, by = 0, [], {t: 0 for t in TIERS}
         for w, size in zip(ws, sizes):
@@ -165,3 +186,8 @@ def weight_placement(spec: ModelSpec, split: Split, itemsize: int) -> WeightPlac
         tiers.append(tuple(assigned))
         per_tier.append(by)
     return WeightPlacement(tuple(tiers), tuple(per_tier))
+
+
+def policy_weight_placement(spec: ModelSpec, policy: Policy) -> WeightPlacement:
+    """The weight placement of a policy (its split, dtype and weight compression)."""
+    return weight_placement(spec, policy.weights, policy.itemsize, policy.compress_weight)

@@ -27,8 +27,8 @@ from flexgraph.graph.builder import Workload, make_sizes, static_homes
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ATTN, ModelSpec
 from flexgraph.plan.cost import CostModel, Estimate, simulate
-from flexgraph.plan.policy import TIERS, Policy, Split
-from flexgraph.plan.planner import Knobs, capacities, plan_for_policy, working_set
+from flexgraph.plan.policy import TIERS, Policy, Split, stored_weight_bytes
+from flexgraph.plan.planner import Knobs, capacities, plan_for_policy, policy_flags, working_set
 
 log = get_logger(__name__)
 MAX_GPU_BATCH = 1024
@@ -85,12 +85,14 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
     P, G = workload.prompt_len, workload.gen_len
     L = spec.num_layers
     n_attn = spec.num_blocks
-    w_layer = sum(w.numel for w in spec.all_weights()) * e / L          # average weight bytes per layer
+    w_total = sum(stored_weight_bytes(w, e, base.compress_weight) for w in spec.all_weights())
+    w_layer = w_total / L                                                # average weight bytes per layer
     sz = make_sizes(spec, replace(base, weights=Split(0, 100), cache=Split(0, 100), activations=Split(0, 100)),
                     has_gpu)
     kv_token = sz.rows_kv * sz.kv_row_token_bytes                        # per attention layer, per batch
     hid = gbs * spec.hidden_size * e
     weight_loads_per_column = ngb if base.schedule == "row" else 1
+    attn_at = "cpu" if base.cpu_cache_compute and has_gpu else ct    # where off-compute cache rows are attended
 
     def bw(src, dst):
         return model.cal.bw(src, dst)
@@ -120,8 +122,11 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
             wv, cv, av = idx[("w", t)], idx[("c", t)], idx[("a", t)]
             weights[wv] = weight_loads_per_column * w_layer / bw(t, ct)
             prefix = (ctx - new) * kv_token * ngb * n_attn / L
-            cache_in[cv] = prefix / bw(t, ct)
-            cache_out[cv] = new * kv_token * ngb * n_attn / L / bw(ct, t)
+            if attn_at != t:         # cache rows homed on t are loaded to where they are attended
+                cache_in[cv] = prefix / bw(t, attn_at)
+                cache_out[cv] = new * kv_token * ngb * n_attn / L / bw(attn_at, t)
+            else:
+                cache_in[cv] = cache_out[cv] = 0.0
             act[av] = 2 * new * hid * ngb / bw(t, ct)
             if t == "disk":
                 disk = {wv: weights[wv], cv: cache_in[cv] + cache_out[cv], av: act[av]}
@@ -129,7 +134,6 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
             if coeffs:
                 lane(phase, coeffs, 0.0)
     # capacities: homes are linear in the fractions; the working set is an allowance
-    w_total = sum(w.numel for w in spec.all_weights()) * e
     c_total = n_attn * ngb * workload.cache_len * kv_token
     for t in tiers:
         if cap[t] is None:
@@ -202,7 +206,7 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
     ranked: list[tuple[float, Policy]] = []
     for gbs, ngb in batch_shapes(workload, knobs):
         for schedule in ([knobs.schedule] if knobs.schedule else ["zigzag"] if ngb > 1 else ["row"]):
-            base = Policy(gbs, ngb, off, off, off, schedule=schedule, dtype=dtype)
+            base = Policy(gbs, ngb, off, off, off, schedule=schedule, dtype=dtype, **policy_flags(knobs))
             if knobs.percent is not None:
                 ranked.append((0.0, base))
                 continue

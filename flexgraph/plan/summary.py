@@ -26,7 +26,10 @@ def plan_summary(plan: Plan) -> str:
         f"workload   {wl.num_prompts} prompts x {wl.prompt_len} tokens, generate {wl.gen_len}",
         f"policy     gpu batch {pol.gpu_batch_size} x {pol.num_gpu_batches} GPU batches = block of "
         f"{pol.block_size} ({blocks} block{'s' if blocks != 1 else ''}), {pol.schedule} schedule, {pol.dtype}, "
-        f"prefetch {'on' if plan.prefetch else 'off'}",
+        f"prefetch {'on' if plan.prefetch else 'off'}"
+        + "".join(f", {what}" for on, what in ((pol.compress_weight, "4-bit weights"),
+                                                (pol.compress_cache, "4-bit KV cache"),
+                                                (pol.cpu_cache_compute, "cpu cache compute")) if on),
         f"--percent  {' '.join(f'{p:g}' for p in pol.percent_args())}   (chosen by {plan.chosen.get('by', '?')})",
         f"path       {len(plan.path)} nodes",
     ]
