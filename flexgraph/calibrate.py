@@ -15,7 +15,11 @@ What is measured (for one working dtype and device):
 - **attention throughput** of :func:`flexgraph.models.layers.attend` for prefill
   (FLOP/s, counting masked keys too) by query length;
 - **per-node overhead** of the executor's lanes (submission to completion of an empty
-  item), which bounds how small a node can usefully be.
+  item), which bounds how small a node can usefully be;
+- **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
+  eager or compiled, as the run will use — timed at a decode and a prefill shape with
+  its weights streamed from memory; the ratio to the analytic time corrects the cost
+  model (element-wise chains and memory-bound products are not what FLOP/s predict).
 
 The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine key is
 the CPU model, core count, RAM, device and torch version.  ``--recalibrate`` redoes it.
@@ -90,6 +94,7 @@ class Calibration:
     matmul: dict[str, list[list[float]]] = field(default_factory=dict)  # "KxN" -> [[M, FLOP/s], ...]
     attention: list[list[float]] = field(default_factory=list)      # [[q rows per chunk, FLOP/s], ...]
     node_overhead: float = 0.0                                      # seconds per executor node
+    layers: dict[str, dict] = field(default_factory=dict)           # layer_signature -> corrections
     measured_at: str = ""
 
     def to_json(self) -> dict:
@@ -143,14 +148,13 @@ def measure_matmul(k: int, n: int, dtype: torch.dtype, device: torch.device) -> 
 
 def measure_attention(dtype: torch.dtype, device: torch.device, head_dim: int = 64) -> list[list[float]]:
     """FLOP/s of prefill attention (:func:`flexgraph.models.layers.attend`) by query length."""
-    from flexgraph.models.layers import attend
+    from flexgraph.models.layers import Mask, attend
     out = []
     for q_len in (64, 512, 2048):
         batch, heads, kv_heads = 4, 8, 2
         q = torch.randn(batch, heads, q_len, head_dim, dtype=dtype, device=device)
         k = torch.randn(batch, kv_heads, q_len, head_dim, dtype=dtype, device=device)
-        mask = torch.ones(q_len, q_len, dtype=torch.bool, device=device).tril_().expand(batch, 1, q_len, q_len)
-        t = _best_time(lambda: attend(q, k, k, mask, 0.125))
+        t = _best_time(lambda: attend(q, k, k, Mask(causal=True), 0.125))
         out.append([q_len, 4.0 * batch * heads * q_len * q_len * head_dim / t])
     return out
 
@@ -272,3 +276,116 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
     if added:
         save_calibration(cal, calibration_path(cal.device, cal.dtype, has_gpu_tier))
     return added
+
+
+# ---- the model's own layers ----------------------------------------------------------------------
+LAYER_POINTS = {"decode": (64, 1, 512), "prefill": (16, 512, 512)}    # (batch, new tokens, context)
+WEIGHT_STREAM_BYTES = 256 << 20        # cycle through this much weight memory: more than any cache
+MAX_LAYER_BYTES = 1 << 30              # bigger layers are not timed (too slow, too much memory)
+
+
+def layer_signature(spec, dtype: torch.dtype, compiled: bool) -> str:
+    d = spec.to_dict()
+    for key in ("name", "num_blocks", "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_ids",
+                "pad_token_id"):
+        d.pop(key, None)
+    text = json.dumps(d, sort_keys=True, default=str) + f"|{dtype}|{compiled}"
+    return "layers-" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.device) -> dict[str, list[list[float]]]:
+    """Time the real maths of each layer kind at a decode and a prefill shape, with weights
+    streamed from memory (several copies in turn), and return per kind the ratio of the
+    measured time to ``model.analytic_time`` — ``[[tokens, ratio], [tokens, ratio]]``."""
+    from flexgraph.models import layers as L
+    from flexgraph.models.forward import EAGER, KVCache, compiled_kernels, compute_layer, warm_up
+    from flexgraph.models.spec import ATTN, HEAD, MLP
+    spec = model.spec
+    kernels = compiled_kernels() if compiled else EAGER
+    inv_freq = L.rope_inv_freq(spec) if spec.family == "llama" else None
+    out: dict[str, list[list[float]]] = {}
+    for j in (1, 2, spec.num_layers - 1):
+        kind = spec.layer(j).kind
+        nbytes = sum(w.numel for w in spec.layer_weights(j)) * dtype.itemsize
+        if nbytes > MAX_LAYER_BYTES:
+            continue
+        copies = max(1, min(8, -(-WEIGHT_STREAM_BYTES // max(nbytes, 1))))
+        weights = [{L.role_of(w.name): torch.randn(w.shape, dtype=dtype, device=device) * 0.02
+                    for w in spec.layer_weights(j)} for _ in range(copies)]
+        table = []
+        for phase, (batch, new, context) in LAYER_POINTS.items():
+            if kind == HEAD and phase == "prefill":
+                continue                                      # the head only ever sees the last position
+            if compiled:
+                warm_up(kernels, spec, dtype, batch, new, device)
+            st = _LayerStep(batch, new, context, spec, dtype, device)
+            cache = KVCache(batch * spec.num_kv_heads, context + 1, spec.head_dim, dtype, device) \
+                if kind == ATTN else None
+            x = torch.randn(batch, new, spec.hidden_size, dtype=dtype, device=device)
+            n = [0]
+
+            def run():
+                w = weights[n[0] % copies]
+                n[0] += 1
+                compute_layer(spec, j, w, x, st, cache.segments() if cache else None, inv_freq, kernels)
+
+            with torch.inference_mode():
+                seconds = _best_time(run, min_seconds=0.3, repeats=2)
+            table.append([batch * new, seconds / model.analytic_time(j, batch, new, context)])
+        if kind == HEAD:
+            table.append([LAYER_POINTS["prefill"][0] * LAYER_POINTS["prefill"][1], table[0][1]])
+        out[kind] = sorted(table)
+        del weights
+    if MLP in out and "embed" not in out:
+        out["embed"] = out[MLP]
+    return out
+
+
+def _in_thread(fn, *args):
+    """Run ``fn`` on a fresh thread, as the executor's compute lane runs the maths: a
+    thread other than the one that loaded torch gets its own OpenMP team, which is
+    measurably slower here than the main thread's — the estimate should see that."""
+    import threading
+    result: list = []
+    failure: list = []
+
+    def target():
+        try:
+            result.append(fn(*args))
+        except BaseException as e:      # re-raised in the caller
+            failure.append(e)
+
+    t = threading.Thread(target=target, name="flexgraph-calibrate")
+    t.start()
+    t.join()
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+class _LayerStep:
+    """A step's positions and mask for timing one layer (all tokens valid)."""
+
+    def __init__(self, batch: int, new: int, context: int, spec, dtype, device):
+        from flexgraph.models import layers as L
+        self.slot = context - new
+        self.pos = torch.arange(self.slot, context, device=device).expand(batch, new)
+        self.key_valid = torch.ones(batch, context, dtype=torch.bool, device=device)
+        self.mask = L.attention_mask(self.key_valid, self.slot, new, spec)
+        self._dtype = dtype
+
+    def rope(self, inv_freq, dtype):
+        from flexgraph.models import layers as L
+        return L.rope_cos_sin(inv_freq, self.pos, dtype)
+
+
+def ensure_layers(cal: Calibration, model, dtype: torch.dtype, compiled: bool, has_gpu_tier: bool) -> None:
+    """Measure (once per machine, layer shape, dtype and kernels) and install the model's
+    layer corrections on ``model``."""
+    key = layer_signature(model.spec, dtype, compiled)
+    if key not in cal.layers:
+        log.info("calibrating_layers", model=model.spec.name, compiled=compiled)
+        dev = torch.device("cuda" if cal.device == "cuda" else "cpu")
+        cal.layers[key] = _in_thread(measure_layers, model, dtype, compiled, dev)
+        save_calibration(cal, calibration_path(cal.device, cal.dtype, has_gpu_tier))
+    model.corrections = cal.layers[key]

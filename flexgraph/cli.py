@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="how knobs left out are chosen: 'cost' searches by the calibrated cost model "
                           "(default), 'rule' uses the simple fill-the-fastest-tier rule")
     pol.add_argument("--recalibrate", action="store_true", help="measure this machine's rates again")
+    pol.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                     help="torch.compile the layer maths when executing (auto: 16-bit runs long enough to "
+                          "repay about a minute of compiling)")
     pol.add_argument("--compress-weight", action="store_true")
     pol.add_argument("--compress-cache", action="store_true")
     pol.add_argument("--cpu-cache-compute", action="store_true")
@@ -105,15 +108,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trace", default=None, help="write a Chrome trace (one track per lane) here")
     e.add_argument("--no-overlap", action="store_true", help="run every node after the previous one finished")
     e.add_argument("--no-verify", action="store_true", help="skip the one-time weight checksum verification")
+    e.add_argument("--compile", choices=("plan", "on", "off"), default="plan",
+                   help="torch.compile the layer maths (fused element-wise work; about a minute up front); "
+                        "default: as the plan says")
     e.add_argument("--offload-dir", default=None, help="override the plan's folder for disk-tier data")
     e.add_argument("--show", type=int, default=8, metavar="N", help="print the first N completions (default 8)")
     _add_sampling_args(e, defaults=False)
     return parser
 
 
-def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool = False):
+def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool = False, compiled: bool = False):
     """The calibrated cost model for ``spec`` on this machine (measuring what is missing)."""
-    from flexgraph.calibrate import ensure_matmul, load_calibration
+    from flexgraph.calibrate import ensure_layers, ensure_matmul, load_calibration
     from flexgraph.plan.cost import CostModel
     from flexgraph.plan.planner import default_dtype
     from flexgraph.plan.policy import DTYPES
@@ -123,6 +129,7 @@ def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool =
     cal = load_calibration(hardware.get("device", "cpu"), torch_dtype, hardware["offload_dir"], has_gpu, recalibrate)
     model = CostModel(spec, cal, torch_dtype.itemsize)
     ensure_matmul(cal, model.matmul_shapes(), torch_dtype, has_gpu)
+    ensure_layers(cal, model, torch_dtype, compiled, has_gpu)
     return model
 
 
@@ -132,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flexgraph.log import get_logger
     from flexgraph.models.sampling import SamplingParams
     from flexgraph.plan.planfile import save_plan
-    from flexgraph.plan.planner import Knobs, make_plan
+    from flexgraph.plan.planner import Knobs, default_dtype, make_plan, should_compile
     from flexgraph.plan.summary import plan_summary
     from flexgraph.weights.resolve import resolve_model
 
@@ -156,10 +163,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if workload.prompt_len + workload.gen_len > ref.spec.max_position_embeddings:
         raise FlexgraphError(f"--prompt-len {workload.prompt_len} + --gen-len {workload.gen_len} exceed the "
                              f"model's {ref.spec.max_position_embeddings} positions; shorten them")
+    dtype = knobs.dtype or default_dtype(hardware.device)
+    compiled = args.compile == "on" or (args.compile == "auto" and should_compile(ref.spec, workload, dtype))
     cost_model = None
     if args.search == "cost":
-        cost_model = load_cost_model(ref.spec, hardware.to_json(), knobs.dtype, args.recalibrate)
+        cost_model = load_cost_model(ref.spec, hardware.to_json(), knobs.dtype, args.recalibrate, compiled)
     plan = make_plan(ref, workload, sampling, hardware.to_json(), knobs, cost_model)
+    plan.compile = compiled
     save_plan(plan, args.out)
     elapsed = time.perf_counter() - t0
     print(plan_summary(plan))
@@ -179,7 +189,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
     sampling = plan.sampling.override(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                                       top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     prompts = load_prompts(args.prompts, store, plan)
-    options = ExecOptions(overlap=not args.no_overlap, verify=not args.no_verify, offload_dir=args.offload_dir)
+    options = ExecOptions(overlap=not args.no_overlap, verify=not args.no_verify, offload_dir=args.offload_dir,
+                          compile=plan.compile if args.compile == "plan" else args.compile == "on")
     report = run_plan(plan, store, prompts, sampling, results_path=args.out, metrics_path=args.metrics,
                       trace_path=args.trace, options=options)
     for line in report.results[: args.show]:

@@ -55,6 +55,7 @@ class ExecOptions:
     progress: bool = True
     offload_dir: str | None = None
     record_logits: bool = False   # keep the head's float32 logits of every step (BlockOutput.logits)
+    compile: bool = False         # torch.compile the layer maths (fused element-wise work; see Kernels)
 
 
 class _Instance:
@@ -167,6 +168,13 @@ class Executor:
                                   self.plan.sampling, kv_attn=self.sizes.kv_attn,
                                   compress_cache=self.policy.compress_cache,
                                   record_logits=self.options.record_logits)
+            if self.options.compile:
+                from flexgraph.models.forward import compiled_kernels, warm_up
+                t_compile = time.perf_counter()
+                self.state.kernels = compiled_kernels()
+                warm_up(self.state.kernels, self.spec, self.policy.torch_dtype, self.policy.gpu_batch_size,
+                        self.plan.workload.prompt_len, self.tiers.torch_device(self.tiers.compute_tier))
+                log.info("compiled", seconds=round(time.perf_counter() - t_compile, 1))
             lane_device = "cuda" if self.device == "cuda" else "cpu"
             self.lanes = {name: Lane(name, lane_device, trace=True) for name in LANES}
         except BaseException:

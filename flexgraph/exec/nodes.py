@@ -40,7 +40,7 @@ from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize, dequ
                                       qtensor_from_bytes, quantize_into)
 from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
 from flexgraph.models import layers as L
-from flexgraph.models.forward import compute_layer
+from flexgraph.models.forward import EAGER, compute_layer
 from flexgraph.models.sampling import SamplingParams, sample
 from flexgraph.models.spec import ATTN, EMBED, HEAD, ModelSpec
 from flexgraph.plan.policy import TIERS, row_ranges
@@ -80,6 +80,7 @@ class RunState:
         self.kv_attn = kv_attn or (self.ct,) * len(TIERS)    # where rows homed on gpu, cpu, disk are attended
         self.compress_cache = compress_cache
         self.record_logits = record_logits                    # keep the head's logits (tests, quality checks)
+        self.kernels = EAGER                                  # or compiled ones (ExecOptions.compile)
         self.logits: list[list[torch.Tensor]] = []           # per batch: float32 [B, V] per step
         self.inv_freq = L.rope_inv_freq(spec) if spec.family == "llama" else None
         self.buffers: dict[tuple, object] = {}
@@ -266,7 +267,10 @@ def compute(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     if kind == HEAD and _head_chunk_rows(w) is not None:
         out = _head_in_chunks(spec, w, x)
     else:
-        out, _kv = compute_layer(spec, j, _Decoded(w), x, inputs, segments, st.inv_freq)
+        if all(isinstance(t, torch.Tensor) for t in w.values()):
+            out, _kv = compute_layer(spec, j, w, x, inputs, segments, st.inv_freq, st.kernels)
+        else:       # compressed weights decode on access: eager maths
+            out, _kv = compute_layer(spec, j, _Decoded(w), x, inputs, segments, st.inv_freq)
     if finish is not None:
         finish()
     if kind == HEAD:

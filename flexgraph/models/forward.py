@@ -73,8 +73,59 @@ def layer_weights(spec: ModelSpec, j: int, lookup: Callable[[str], torch.Tensor]
     return {L.role_of(w.name): lookup(spec.storage_name(w.name)) for w in spec.layer_weights(j)}
 
 
+@dataclass(frozen=True)
+class Kernels:
+    """The layer maths a compute calls: eager functions, or ``torch.compile``d ones.
+
+    Compiling fuses the element-wise chains (norms in float32, RoPE, SiLU x up,
+    residuals) into single passes over memory; on a CPU those chains cost about as much
+    as the matrix products.  The attention kernel and the cache update stay eager.
+    """
+    mlp: Callable = L.mlp
+    attention_pre: Callable = L.attention_pre
+    attention_post: Callable = L.attention_post
+    head: Callable = L.head
+
+
+EAGER = Kernels()
+_compiled: Kernels | None = None
+
+
+def compiled_kernels() -> Kernels:
+    """The compiled kernels (compiled lazily on first use, once per shape family)."""
+    global _compiled
+    if _compiled is None:
+        def c(fn):
+            return torch.compile(fn, dynamic=True)
+        _compiled = Kernels(c(L.mlp), c(L.attention_pre), c(L.attention_post), c(L.head))
+    return _compiled
+
+
+def warm_up(kernels: Kernels, spec: ModelSpec, dtype: torch.dtype, batch: int, prompt_len: int,
+            device: str | torch.device = "cpu") -> None:
+    """Call every kernel once with a prefill's and a decode step's shapes, so that
+    compiling happens here and not inside a timed run (sizes 0 and 1 are specialised by
+    the compiler, so both shapes are needed).  Weights are zeros of the right shapes."""
+    def weights(j):
+        return {L.role_of(w.name): torch.zeros(w.shape, dtype=dtype, device=device) for w in spec.layer_weights(j)}
+
+    wa, wm, wh = weights(1), weights(2), weights(spec.num_layers - 1)
+    with torch.inference_mode():
+        for new in (prompt_len, 1):
+            h = torch.zeros(batch, new, spec.hidden_size, dtype=dtype, device=device)
+            cos = sin = None
+            if spec.family == "llama":
+                cos = torch.zeros(batch, new, spec.head_dim, dtype=dtype, device=device)
+                sin = torch.zeros_like(cos)     # distinct tensors: aliasing would be guarded on
+            kernels.attention_pre(spec, wa, h, cos, sin)
+            kernels.attention_post(spec, wa, h, torch.zeros(batch, spec.num_heads, new, spec.head_dim, dtype=dtype,
+                                                           device=device))
+            kernels.mlp(spec, wm, h)
+        kernels.head(spec, wh, torch.zeros(batch, 1, spec.hidden_size, dtype=dtype, device=device))
+
+
 def compute_layer(spec: ModelSpec, j: int, w: Mapping[str, torch.Tensor], x: torch.Tensor,
-                  st: SequenceState, segments, inv_freq: torch.Tensor | None):
+                  st: SequenceState, segments, inv_freq: torch.Tensor | None, kernels: Kernels = EAGER):
     """One square's computation. x: ids [B, s] for the embedding, else hidden [B, s, H].
 
     Returns the layer's output (hidden [B, s, H], or logits [B, V] of the last position
@@ -84,13 +135,14 @@ def compute_layer(spec: ModelSpec, j: int, w: Mapping[str, torch.Tensor], x: tor
     if kind == EMBED:
         return L.embed(spec, w, x, st.pos), None
     if kind == HEAD:
-        return L.head(spec, w, x[:, -1:])[:, 0], None
+        return kernels.head(spec, w, x[:, -1:].contiguous())[:, 0], None
     if kind == MLP:
-        return L.mlp(spec, w, x), None
+        return kernels.mlp(spec, w, x), None
     cos = sin = None
     if inv_freq is not None:
         cos, sin = st.rope(inv_freq, x.dtype)
-    h, k_new, v_new = L.attention_layer(spec, w, x, segments, st.slot, st.key_valid, cos, sin, st.mask)
+    h, k_new, v_new = L.attention_layer(spec, w, x, segments, st.slot, st.key_valid, cos, sin, st.mask,
+                                        kernels.attention_pre, kernels.attention_post)
     return h, (k_new, v_new)
 
 

@@ -22,6 +22,7 @@ prefix removed, e.g. ``"self_attn.q_proj.weight"``) to tensor; see :func:`role_o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
@@ -108,11 +109,13 @@ def rope_cos_sin(inv_freq: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: [B, s, n, D]; cos, sin: [B, s, D] (both halves equal) -> [B, s, n, D]
-    # x * cos + rotate_half(x) * sin, written half by half with fused multiply-adds:
-    # a third of the passes over memory of the cat-based form.
+    # x * cos + rotate_half(x) * sin, half by half.
     h = x.shape[-1] // 2
     c, s_ = cos[:, :, None, :h], sin[:, :, None, :h]
     x1, x2 = x[..., :h], x[..., h:]
+    if torch.compiler.is_compiling():       # the compiler fuses this into one pass anyway
+        return torch.cat((x1 * c - x2 * s_, x2 * c + x1 * s_), dim=-1)
+    # eager: fused multiply-adds into one output, a third of the passes of cat + mul
     out = torch.empty_like(x)
     torch.mul(x1, c, out=out[..., :h]).addcmul_(x2, s_, value=-1)
     torch.mul(x2, c, out=out[..., h:]).addcmul_(x1, s_)
@@ -132,15 +135,36 @@ def embed(spec: ModelSpec, w: Weights, ids: torch.Tensor, pos: torch.Tensor) -> 
 
 
 # ---- attention --------------------------------------------------------------------------
-def attention_mask(key_valid: torch.Tensor, slot: int, new: int, spec: ModelSpec) -> torch.Tensor:
-    """Which keys each new token may see.
+@dataclass(frozen=True)
+class Mask:
+    """Which keys each new token may see: a bool tensor ``[B, 1, s, T]``, or — when nothing
+    is padded and there is no window — no tensor at all: plain causal attention (a
+    prefill; the fused kernel then skips the masked half) or all keys (a decode step)."""
+    tensor: torch.Tensor | None = None
+    causal: bool = False
 
-    key_valid: [B, T] bool (T = slot + new) -> [B, 1, new, T] bool.  Causal by cache slot;
-    Mistral's sliding window also by slot (left padding shifts query and key alike).  A
-    token always sees itself, so a padding query never has every key masked (which
-    would give NaN, and NaN reaches real tokens through the cache even when masked).
+    def batches(self, b0: int, b1: int, device) -> Mask:
+        return self if self.tensor is None else Mask(self.tensor[b0:b1].to(device), self.causal)
+
+    def rows(self, seq: torch.Tensor, device) -> Mask:
+        return self if self.tensor is None else Mask(self.tensor[seq].to(device), self.causal)
+
+
+def attention_mask(key_valid: torch.Tensor, slot: int, new: int, spec: ModelSpec) -> Mask:
+    """The mask of a step for every layer: key_valid: [B, T] bool (T = slot + new).
+
+    Causal by cache slot; Mistral's sliding window also by slot (left padding shifts
+    query and key alike).  A token always sees itself, so a padding query never has
+    every key masked (which would give NaN, and NaN reaches real tokens through the
+    cache even when masked).
     """
     t = key_valid.shape[-1]
+    window = spec.sliding_window and spec.sliding_window < t
+    if not window and bool(key_valid.all()):
+        if slot == 0:
+            return Mask(causal=True)          # a prefill without padding
+        if new == 1:
+            return Mask()                     # a decode step sees every key
     k_slots = torch.arange(t, device=key_valid.device)
     q_slots = torch.arange(slot, slot + new, device=key_valid.device)
     allowed = k_slots[None, :] <= q_slots[:, None]                      # [s, T]
@@ -148,7 +172,7 @@ def attention_mask(key_valid: torch.Tensor, slot: int, new: int, spec: ModelSpec
         allowed &= k_slots[None, :] > q_slots[:, None] - spec.sliding_window
     mask = key_valid[:, None, :] & allowed[None]                        # [B, s, T]
     mask |= (k_slots[None, :] == q_slots[:, None])[None]
-    return mask[:, None]
+    return Mask(mask[:, None])
 
 
 def attention_qkv(spec: ModelSpec, w: Weights, x: torch.Tensor, cos: torch.Tensor | None,
@@ -171,13 +195,13 @@ def attention_qkv(spec: ModelSpec, w: Weights, x: torch.Tensor, cos: torch.Tenso
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale: float) -> torch.Tensor:
     """Scaled dot-product attention with grouped queries (PyTorch's fused kernel).
 
-    q: [n, nh, s, D]; k, v: [n, nkv, T, D] (any strides); mask: [n, 1, s, T] bool
-    -> [n, nh, s, D].  K and V are never repeated per query head (``enable_gqa``).
+    q: [n, nh, s, D]; k, v: [n, nkv, T, D] (any strides); mask: tensor [n, 1, s, T] or
+    plain causal / none -> [n, nh, s, D].  K and V are never repeated per query head.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.tensor, is_causal=mask.causal, scale=scale,
                                           enable_gqa=k.shape[1] != q.shape[1])
 
 
@@ -233,23 +257,36 @@ def head(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor:
 
 
 # ---- one attention layer over a cache split into row segments -------------------------------
+def attention_pre(spec: ModelSpec, w: Weights, h: torch.Tensor, cos: torch.Tensor | None,
+                  sin: torch.Tensor | None):
+    # h: [B, s, H] -> q: [B, nh, s, D], k, v: [B, nkv, s, D] — everything before the cache
+    return attention_qkv(spec, w, attention_norm(spec, w, h), cos, sin)
+
+
+def attention_post(spec: ModelSpec, w: Weights, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    # h: [B, s, H], o: [B, nh, s, D] -> [B, s, H] — everything after the attention kernel
+    return attention_residual(spec, w, h, attention_output(spec, w, o, o.shape[0], o.shape[2]))
+
+
 def attention_layer(spec: ModelSpec, w: Weights, h: torch.Tensor, segments, slot: int,
                     key_valid: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                    mask: torch.Tensor | None = None):
+                    mask: torch.Tensor | None = None, pre=attention_pre, post=attention_post):
     """Norm, projections, cache update, attention and residual of one attention layer.
 
-    h: [B, s, H]; key_valid: [B, slot + s] bool; ``mask`` (optional, [B, 1, s, slot + s])
-    is :func:`attention_mask`, shared by every layer of a step.  ``segments`` lists
+    h: [B, s, H]; key_valid: [B, slot + s] bool; ``mask`` (optional) is
+    :func:`attention_mask`, shared by every layer of a step.  ``segments`` lists
     ``(rows, k, v)`` with ``rows`` a ``slice`` of the ``R = B * nkv`` cache rows
     (row ``b * nkv + n``) and ``k, v: [r, S, D]`` buffers for those rows; the new keys
     and values are written at ``[slot, slot + s)`` and attention reads ``[:, :slot + s]``.
     Segments let the cache live on several tiers: each is attended where it is.
     Returns ``(h_out [B, s, H], k_new, v_new)`` with ``k_new, v_new: [R, s, D]``.
+    ``pre`` and ``post`` are :func:`attention_pre` and :func:`attention_post`, or
+    compiled versions of them (the cache update and the kernel call stay eager).
     """
     b, s, _ = h.shape
     nkv, g, d = spec.num_kv_heads, spec.num_heads // spec.num_kv_heads, spec.head_dim
     t = slot + s
-    q, k, v = attention_qkv(spec, w, attention_norm(spec, w, h), cos, sin)
+    q, k, v = pre(spec, w, h, cos, sin)
     k_new, v_new = k.reshape(b * nkv, s, d), v.reshape(b * nkv, s, d)
     if mask is None:
         mask = attention_mask(key_valid, slot, s, spec)
@@ -265,11 +302,11 @@ def attention_layer(spec: ModelSpec, w: Weights, h: torch.Tensor, segments, slot
             b0, b1 = start // nkv, stop // nkv
             kb = k_buf.view(b1 - b0, nkv, -1, d)[:, :, :t]
             vb = v_buf.view(b1 - b0, nkv, -1, d)[:, :, :t]
-            o = attend(q[b0:b1].to(dev), kb, vb, mask[b0:b1].to(dev), scale)
+            o = attend(q[b0:b1].to(dev), kb, vb, mask.batches(b0, b1, dev), scale)
             out[b0:b1] = o.to(h.device, h.dtype)
         else:                                                # part of a sequence's heads: per row
-            seq = torch.arange(start, stop, device=mask.device) // nkv
+            seq = torch.arange(start, stop, device=h.device) // nkv
             q_rows = q.reshape(b, nkv, g, s, d).reshape(b * nkv, g, s, d)[rows]
-            o = attend(q_rows.to(dev), k_buf[:, None, :t], v_buf[:, None, :t], mask[seq].to(dev), scale)
+            o = attend(q_rows.to(dev), k_buf[:, None, :t], v_buf[:, None, :t], mask.rows(seq, dev), scale)
             by_row[rows] = o.to(h.device, h.dtype)
-    return attention_residual(spec, w, h, attention_output(spec, w, out, b, s)), k_new, v_new
+    return post(spec, w, h, out), k_new, v_new

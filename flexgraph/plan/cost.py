@@ -91,9 +91,32 @@ def layer_work(spec: ModelSpec, j: int, batch: int, new: int, context: int, item
 
 
 class CostModel:
-    def __init__(self, spec: ModelSpec, cal: Calibration, itemsize: int):
+    """Node durations for one model on one machine.
+
+    ``corrections`` (from :func:`flexgraph.calibrate.measure_layers`) scale the analytic
+    compute time of each layer kind by what running that kind's real maths measured —
+    at a decode-sized and a prefill-sized batch, interpolated in log(tokens) between —
+    so element-wise chains, weights streamed from memory rather than cache, and the
+    kernels' real efficiency are in the estimate.
+    """
+
+    def __init__(self, spec: ModelSpec, cal: Calibration, itemsize: int,
+                 corrections: dict[str, list[list[float]]] | None = None):
         self.spec, self.cal, self.itemsize = spec, cal, itemsize
+        self.corrections = corrections or {}
         self._compute_cache: dict[tuple, float] = {}
+
+    def analytic_time(self, j: int, batch: int, new: int, context: int) -> float:
+        """The compute time from calibrated rates alone (before corrections)."""
+        cal, e = self.cal, self.itemsize
+        work = layer_work(self.spec, j, batch, new, context, e)
+        t = 0.0
+        for mm in work.matmuls:
+            t += max(mm.flops / cal.matmul_rate(mm.m, mm.k, mm.n), mm.k * mm.n * e / cal.mem_bandwidth)
+        if work.attn_flops:
+            t += work.attn_flops / cal.attention_rate(work.attn_q_rows)
+        t += (work.attn_bytes + work.elementwise_bytes) / cal.mem_bandwidth
+        return t
 
     def matmul_shapes(self) -> set[tuple[int, int]]:
         """The (K, N) shapes this model's layers multiply by (to calibrate)."""
@@ -109,14 +132,11 @@ class CostModel:
         got = self._compute_cache.get(key)
         if got is not None:
             return got
-        cal, e = self.cal, self.itemsize
-        work = layer_work(self.spec, j, batch, new, context, e)
-        t = 0.0
-        for mm in work.matmuls:
-            t += max(mm.flops / cal.matmul_rate(mm.m, mm.k, mm.n), mm.k * mm.n * e / cal.mem_bandwidth)
-        if work.attn_flops:
-            t += work.attn_flops / cal.attention_rate(work.attn_q_rows)
-        t += (work.attn_bytes + work.elementwise_bytes) / cal.mem_bandwidth
+        t = self.analytic_time(j, batch, new, context)
+        table = self.corrections.get(kind)
+        if table:
+            from flexgraph.calibrate import _interp
+            t *= _interp(table, batch * new)
         self._compute_cache[key] = t
         return t
 

@@ -14,7 +14,9 @@ Schema (``format: "flexgraph-plan"``, ``version: 1``)::
       "prefetch":  true,
       "placement": {weights_achieved: {gpu, cpu, disk}, cache_rows: [g, c, d], act_rows: [g, c, d]},
       "residency": {capacity: {...}, home: {...}, peak: {...}},
-      "chosen":    {"by": "user" | "auto", "notes": [...]},
+      "chosen":    {"by": "user" | "auto" | "search", "notes": [...], "candidates": [...]},
+      "estimate":  {total_seconds, throughput, roofline, ...}   # with --search cost
+      "compile":   false                     # torch.compile the layer maths when executing
       "path":      [["c", i, j, k], ...]     # one entry per node, in order
     }
 
@@ -59,6 +61,7 @@ class Plan:
     residency: dict[str, Any] = field(default_factory=dict)
     chosen: dict[str, Any] = field(default_factory=dict)
     estimate: dict[str, Any] = field(default_factory=dict)
+    compile: bool = False        # torch.compile the layer maths when executing
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -66,7 +69,7 @@ class Plan:
             "model": self.model, "spec": self.spec, "workload": self.workload.to_json(),
             "sampling": self.sampling.to_json(), "hardware": self.hardware, "policy": self.policy.to_json(),
             "prefetch": self.prefetch, "placement": self.placement, "residency": self.residency,
-            "chosen": self.chosen, "estimate": self.estimate,
+            "chosen": self.chosen, "estimate": self.estimate, "compile": self.compile,
             "path": [[KIND_CODES[kind], i, j, k] for kind, i, j, k in self.path],
         }
 
@@ -90,7 +93,7 @@ class Plan:
                        sampling=SamplingParams.from_json(d["sampling"]), hardware=d["hardware"],
                        policy=Policy.from_json(d["policy"]), path=path, prefetch=bool(d["prefetch"]),
                        placement=d.get("placement", {}), residency=d["residency"], chosen=d.get("chosen", {}),
-                       estimate=d.get("estimate", {}))
+                       estimate=d.get("estimate", {}), compile=bool(d.get("compile", False)))
         except PlanError as e:
             raise PlanError(f"{source}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:

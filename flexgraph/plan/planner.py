@@ -265,6 +265,21 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
     )
 
 
+COMPILE_AFTER_SECONDS = 60.0
+SLOW_FLOPS = 2e11       # a pessimistic CPU rate: compiling pays off if even then the run is long
+
+
+def should_compile(spec: ModelSpec, workload: Workload, dtype: str) -> bool:
+    """Compile the layer maths (torch.compile: fused element-wise chains) when the run is
+    16-bit and long enough to repay about a minute of compiling."""
+    if dtype == "float32":
+        return False                # the exact reference path stays eager
+    per_seq = sum(spec.layer_flops(j, workload.prompt_len, workload.prompt_len) for j in range(spec.num_layers))
+    per_seq += sum(spec.layer_flops(j, 1, workload.prompt_len + workload.gen_len // 2)
+                   for j in range(spec.num_layers)) * (workload.gen_len - 1)
+    return workload.num_prompts * per_seq / SLOW_FLOPS >= COMPILE_AFTER_SECONDS
+
+
 def plan_estimate(graph: nx.DiGraph, checked: CheckedPath, cost_model, workload: Workload, policy: Policy) -> dict:
     """The cost model's timing of the full path, and the plan's roofline."""
     from flexgraph.plan.cost import roofline, simulate

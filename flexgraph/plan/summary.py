@@ -29,7 +29,8 @@ def plan_summary(plan: Plan) -> str:
         f"prefetch {'on' if plan.prefetch else 'off'}"
         + "".join(f", {what}" for on, what in ((pol.compress_weight, "4-bit weights"),
                                                 (pol.compress_cache, "4-bit KV cache"),
-                                                (pol.cpu_cache_compute, "cpu cache compute")) if on),
+                                                (pol.cpu_cache_compute, "cpu cache compute"),
+                                                (plan.compile, "compiled maths")) if on),
         f"--percent  {' '.join(f'{p:g}' for p in pol.percent_args())}   (chosen by {plan.chosen.get('by', '?')})",
         f"path       {len(plan.path)} nodes",
     ]
