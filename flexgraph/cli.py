@@ -139,7 +139,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flexgraph.log import get_logger
     from flexgraph.models.sampling import SamplingParams
     from flexgraph.plan.planfile import save_plan
-    from flexgraph.plan.planner import Knobs, default_dtype, make_plan, should_compile
+    from flexgraph.plan.planner import COMPILE_MEMORY, Knobs, default_dtype, make_plan, should_compile
     from flexgraph.plan.summary import plan_summary
     from flexgraph.weights.resolve import resolve_model
 
@@ -164,11 +164,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise FlexgraphError(f"--prompt-len {workload.prompt_len} + --gen-len {workload.gen_len} exceed the "
                              f"model's {ref.spec.max_position_embeddings} positions; shorten them")
     dtype = knobs.dtype or default_dtype(hardware.device)
-    compiled = args.compile == "on" or (args.compile == "auto" and should_compile(ref.spec, workload, dtype))
+    compiled = args.compile == "on" or (args.compile == "auto" and should_compile(ref.spec, workload, dtype,
+                                                                                  hardware.cpu_mem))
+    hw = hardware.to_json()
+    if compiled:            # the compiler's memory comes out of what the plan may fill
+        hw["cpu_mem"] = max(0, hw["cpu_mem"] - COMPILE_MEMORY)
+        hw.setdefault("sources", {})["compile"] = f"{COMPILE_MEMORY} bytes of the cpu tier kept for torch.compile"
     cost_model = None
     if args.search == "cost":
-        cost_model = load_cost_model(ref.spec, hardware.to_json(), knobs.dtype, args.recalibrate, compiled)
-    plan = make_plan(ref, workload, sampling, hardware.to_json(), knobs, cost_model)
+        cost_model = load_cost_model(ref.spec, hw, knobs.dtype, args.recalibrate, compiled)
+    plan = make_plan(ref, workload, sampling, hw, knobs, cost_model)
     plan.compile = compiled
     save_plan(plan, args.out)
     elapsed = time.perf_counter() - t0

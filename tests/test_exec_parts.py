@@ -159,3 +159,23 @@ def test_overlap_and_overhead_on_hand_drawn_spans():
     overlap, overhead = overlap_and_overhead(spans, [(0.0, 10.0)])
     assert overlap == pytest.approx(2.0 / 3.5)
     assert overhead == pytest.approx((10.0 - 8.5) / 10.0)    # idle: 8-9 and 9.5-10
+
+
+def test_aligned_reads_bypass_the_page_cache_and_match(tmp_path):
+    from flexgraph.exec.diskio import ALIGN, aligned_empty
+    io = DiskIO()
+    try:
+        src = torch.randn(3 * ALIGN // 4 + 123, dtype=torch.float32)      # not a whole number of pages
+        io.write_from(tmp_path / "f", 0, src)
+        out = aligned_empty(src.shape, torch.float32)
+        assert out.data_ptr() % ALIGN == 0
+        io.read_into(tmp_path / "f", 0, out)
+        assert torch.equal(out, src)
+        direct = io.direct_fd(tmp_path / "f")
+        if direct is not None:                     # the filesystem allows O_DIRECT
+            assert io.statistics().reads == 2      # the whole pages direct, the tail buffered
+        unaligned = torch.empty(src.numel() + 1)[1:]
+        io.read_into(tmp_path / "f", 0, unaligned)
+        assert torch.equal(unaligned, src)
+    finally:
+        io.close()

@@ -11,7 +11,7 @@ from flexgraph.graph.builder import COMPUTE, LOAD_CACHE, LOAD_WEIGHT, Workload, 
 from flexgraph.models.builtin import builtin_config
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.checker import check_path
-from flexgraph.plan.planner import Knobs, capacities, choose_policy, plan_for_policy
+from flexgraph.plan.planner import EXEC_BYTES_PER_NODE, Knobs, capacities, choose_policy, plan_for_policy
 from flexgraph.plan.policy import Policy, Split, split_rows, weight_placement
 from flexgraph.plan.traversal import make_path
 
@@ -111,10 +111,12 @@ def test_every_emitted_path_is_valid(gbs, ngb, gen, prompt, pct, schedule, prefe
     assert len(computes) == len(set(computes)) == gen * spec.num_layers * ngb
     # re-check with exactly the peak as capacity: still valid; one byte less on the compute tier fails
     tight = dict(checked.peak)
-    assert check_path(graph, checked.path, tight).peak == checked.peak
+    per_node = EXEC_BYTES_PER_NODE
+    assert check_path(graph, checked.path, tight, host_bytes_per_node=per_node).peak == checked.peak
+    assert checked.bookkeeping == per_node * len(checked.path)
     ct = "gpu" if gpu else "cpu"
     with pytest.raises(RuleViolation) as e:
-        check_path(graph, checked.path, {**tight, ct: tight[ct] - 1})
+        check_path(graph, checked.path, {**tight, ct: tight[ct] - 1}, host_bytes_per_node=per_node)
     assert e.value.rule == 4 and e.value.tier == ct
 
 

@@ -95,6 +95,7 @@ class _Node:
     releases: list[tuple]
     deps: list[int]
     label: str
+    moves: list[tuple]
 
 
 class Executor:
@@ -117,6 +118,7 @@ class Executor:
                                  "re-plan on this machine (flexgraph plan --device cpu)")
         self.sizes = make_sizes(self.spec, self.policy, self.has_gpu)
         self.nodes = self._compile()
+        self.graph = None        # everything a node needs is in self.nodes; the graph is large
         # never grant more than the checker simulated (which is within capacity)
         self.memory = MemoryManager({t: plan.residency["peak"].get(t, 0) for t in TIERS})
         self.disk = DiskIO()
@@ -139,7 +141,8 @@ class Executor:
                     request[tier] = request.get(tier, 0) + nbytes
             kind, i, j, k = node
             out.append(_Node(kind, i, j, k, request, attrs["allocs"], self.checked.uses[p],
-                             self.checked.releases[p], self.checked.deps[p], f"{kind}({i},{j},{k})"))
+                             self.checked.releases[p], self.checked.deps[p], f"{kind}({i},{j},{k})",
+                             attrs["moves"]))
         return out
 
     def setup(self) -> None:
@@ -147,6 +150,7 @@ class Executor:
         t0 = time.perf_counter()
         try:
             homes_request = {t: self.checked.home_bytes.get(t, 0) for t in TIERS}
+            homes_request["cpu"] += self.checked.bookkeeping        # this executor's own state
             self.memory.acquire_now({t: n for t, n in homes_request.items() if n})
             weight_homes = self.weight_homes
             if weight_homes is None:
@@ -296,7 +300,7 @@ class Executor:
         if errors:
             raise _root_cause(errors)
         for node in dispatched:
-            for src, dst, nbytes in self.graph.nodes[(node.kind, node.i, node.j, node.k)]["moves"]:
+            for src, dst, nbytes in node.moves:
                 self.moved[(src, dst)] = self.moved.get((src, dst), 0) + nbytes
         ids = [torch.stack(out, dim=1) if out else torch.empty(0, 0, dtype=torch.long) for out in st.outputs]
         logits = [torch.stack(lg, dim=1) for lg in st.logits] if st.record_logits else None

@@ -40,7 +40,7 @@ import torch
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, WEIGHT_GROUP_DIM, QLayout, QTensor, qlayout, qtensor_empty,
                                       quantize, should_compress, to_bytes_layout)
 from flexgraph.errors import ExecutionError
-from flexgraph.exec.diskio import DiskIO
+from flexgraph.exec.diskio import DiskIO, aligned_empty
 from flexgraph.log import get_logger
 from flexgraph.models.layers import role_of
 from flexgraph.models.spec import ATTN, ModelSpec
@@ -118,6 +118,8 @@ class Tiers:
         if tier == "disk":
             raise ValueError("disk tensors are files; use file()")
         pin = self._pin and tier == "cpu"
+        if self.torch_device(tier).type == "cpu" and not pin:
+            return aligned_empty(shape, dtype)          # page-aligned: disk reads can bypass the cache
         return torch.empty(tuple(shape), dtype=dtype, device=self.torch_device(tier), pin_memory=pin)
 
     def empty_q(self, tier: str, shape, dtype: torch.dtype, group_dim: int) -> QTensor:

@@ -52,6 +52,7 @@ class CheckedPath:
     peak: dict[str, int]                  # peak resident bytes per tier, homes included
     peak_at: dict[str, int]               # path index of each tier's peak
     timeline: dict[str, list[int]] = field(repr=False, default_factory=dict)  # per node, if asked
+    bookkeeping: int = 0                  # host bytes of the executor's own state (on the cpu tier)
 
 
 def _describe(node: tuple) -> str:
@@ -60,8 +61,12 @@ def _describe(node: tuple) -> str:
 
 
 def check_path(graph: nx.DiGraph, path: list[tuple], capacity: dict[str, int | None],
-               keep_timeline: bool = False) -> CheckedPath:
-    """Check ``path`` against rules 1-4; raise :class:`RuleViolation` on the first breach."""
+               keep_timeline: bool = False, host_bytes_per_node: int = 0) -> CheckedPath:
+    """Check ``path`` against rules 1-4; raise :class:`RuleViolation` on the first breach.
+
+    ``host_bytes_per_node``: host memory the executor's own bookkeeping takes per node
+    (its graph, path and per-node state), counted on the cpu tier from the start.
+    """
     nodes = graph.nodes
     index: dict[tuple, int] = {}
     for p, node in enumerate(path):
@@ -135,9 +140,11 @@ def check_path(graph: nx.DiGraph, path: list[tuple], capacity: dict[str, int | N
     home = defaultdict(int)
     for _buf, tier, nbytes in graph.graph["homes"]:
         home[tier] += nbytes
-    used = {t: home[t] for t in TIERS}
+    bookkeeping = host_bytes_per_node * len(path)
+    used = {t: home[t] + (bookkeeping if t == "cpu" else 0) for t in TIERS}
     for t in TIERS:
-        _fits(capacity, t, used[t], "the static homes of weights and KV cache", graph)
+        _fits(capacity, t, used[t], "the static homes of weights and KV cache and the executor's bookkeeping",
+              graph)
     peak, peak_at = dict(used), {t: -1 for t in TIERS}
     timeline = {t: [] for t in TIERS} if keep_timeline else {}
     sizes: dict[tuple, list[tuple[str, int]]] = {}
@@ -155,7 +162,8 @@ def check_path(graph: nx.DiGraph, path: list[tuple], capacity: dict[str, int | N
             for tier, nbytes in sizes.pop(buf, ()):
                 used[tier] -= nbytes
     return CheckedPath(path=list(path), deps=deps, uses=uses, releases=releases,
-                       home_bytes={t: home[t] for t in TIERS}, peak=peak, peak_at=peak_at, timeline=timeline)
+                       home_bytes={t: home[t] for t in TIERS}, peak=peak, peak_at=peak_at, timeline=timeline,
+                       bookkeeping=bookkeeping)
 
 
 def _missing(graph: nx.DiGraph, node: tuple, kind: str, buf: tuple, tier: str | None = None) -> tuple[int, str, str]:
