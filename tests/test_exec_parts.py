@@ -179,3 +179,23 @@ def test_aligned_reads_bypass_the_page_cache_and_match(tmp_path):
         assert torch.equal(unaligned, src)
     finally:
         io.close()
+
+
+def test_stale_offload_runs_of_dead_processes_are_removed(tmp_path):
+    import os
+    from flexgraph.exec.homes import remove_stale_runs
+    dead = _dead_pid()
+    stale = tmp_path / f"run-{dead}-abcd1234"
+    live = tmp_path / f"run-{os.getppid()}-abcd1234"
+    for d in (stale, live):
+        d.mkdir()
+        (d / "kv-1-0.k").write_bytes(b"x" * 10)
+    remove_stale_runs(tmp_path)
+    assert not stale.exists() and live.exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid

@@ -138,6 +138,7 @@ class Tiers:
         if self.run_dir is None:
             try:
                 self._offload_root.mkdir(parents=True, exist_ok=True)
+                remove_stale_runs(self._offload_root)
                 self.run_dir = self._offload_root / f"run-{os.getpid()}-{uuid.uuid4().hex[:8]}"
                 self.run_dir.mkdir()
             except OSError as e:
@@ -178,6 +179,25 @@ class Tiers:
         """Write ``src`` (entries ``[start, start + n)`` along dim 0 of ``dst``) into place."""
         for part, buf in zip(dst.parts(), src.buffers()):
             self.write(part, buf, _lead_bytes(part, start))
+
+
+def remove_stale_runs(root: Path) -> None:
+    """Remove run folders whose process is gone: a run killed outright (the OOM killer's
+    SIGKILL) cannot clean up after itself, so the next run does."""
+    for d in root.glob("run-*-*"):
+        try:
+            pid = int(d.name.split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if pid == os.getpid():
+            continue
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            log.info("removing_stale_offload", folder=str(d))
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:
+            pass                      # someone else's live process
 
 
 # ---- weights ---------------------------------------------------------------------------
