@@ -17,7 +17,8 @@ What is measured (for one working dtype and device):
 - **per-node overhead** of the executor's lanes (submission to completion of an empty
   item), which bounds how small a node can usefully be;
 - **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
-  eager or compiled, as the run will use — timed at a decode and a prefill shape with
+  eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (a small and a
+  large decode batch, a prefill) with
   its weights streamed from memory; the ratio to the analytic time corrects the cost
   model (element-wise chains and memory-bound products are not what FLOP/s predict).
 
@@ -280,9 +281,24 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
 
 
 # ---- the model's own layers ----------------------------------------------------------------------
-LAYER_POINTS = {"decode": (64, 1, 512), "prefill": (16, 512, 512)}    # (batch, new tokens, context)
-WEIGHT_STREAM_BYTES = 256 << 20        # cycle through this much weight memory: more than any cache
+# (batch, new tokens, context) at which each layer kind is timed.  Decode is timed at a
+# small and a large batch: a small batch's time is mostly per-kernel overhead (dispatch,
+# waking the thread team), which no rate measured on big matmuls predicts, and the
+# search must see it to weigh small GPU batches (fast prefill) against large ones (cheap
+# decode).
+LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill": (16, 512, 512)}
+# Cycle through this much weight memory, and as much KV cache, when timing a layer: a
+# run streams every layer's weights and every batch's cache from DRAM, and a timing
+# that reuses a few copies would find them in the last-level cache (105 MiB on this
+# machine's Xeon) and come out up to twice too fast.
+STREAM_BYTES = 256 << 20
+MAX_COPIES = 64
 MAX_LAYER_BYTES = 1 << 30              # bigger layers are not timed (too slow, too much memory)
+
+
+def _copies(nbytes: int) -> int:
+    """How many copies of ``nbytes`` to cycle through so that none is still cached."""
+    return max(1, min(MAX_COPIES, -(-STREAM_BYTES // max(nbytes, 1))))
 
 
 def layer_signature(spec, dtype: torch.dtype, compiled: bool) -> str:
@@ -290,14 +306,14 @@ def layer_signature(spec, dtype: torch.dtype, compiled: bool) -> str:
     for key in ("name", "num_blocks", "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_ids",
                 "pad_token_id"):
         d.pop(key, None)
-    text = json.dumps(d, sort_keys=True, default=str) + f"|{dtype}|{compiled}"
+    text = json.dumps(d, sort_keys=True, default=str) + f"|{dtype}|{compiled}|{sorted(LAYER_POINTS.items())}|{STREAM_BYTES}"
     return "layers-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.device) -> dict[str, list[list[float]]]:
-    """Time the real maths of each layer kind at a decode and a prefill shape, with weights
+    """Time the real maths of each layer kind at each of ``LAYER_POINTS``, with weights
     streamed from memory (several copies in turn), and return per kind the ratio of the
-    measured time to ``model.analytic_time`` — ``[[tokens, ratio], [tokens, ratio]]``."""
+    measured time to ``model.analytic_time`` — ``[[tokens, ratio], ...]`` by tokens."""
     from flexgraph.models import layers as L
     from flexgraph.models.forward import EAGER, KVCache, compiled_kernels, compute_layer, warm_up
     from flexgraph.models.spec import ATTN, HEAD, MLP
@@ -310,31 +326,39 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
         nbytes = sum(w.numel for w in spec.layer_weights(j)) * dtype.itemsize
         if nbytes > MAX_LAYER_BYTES:
             continue
-        copies = max(1, min(8, -(-WEIGHT_STREAM_BYTES // max(nbytes, 1))))
+        copies = _copies(nbytes)
         weights = [{L.role_of(w.name): torch.randn(w.shape, dtype=dtype, device=device) * 0.02
                     for w in spec.layer_weights(j)} for _ in range(copies)]
         table = []
         for phase, (batch, new, context) in LAYER_POINTS.items():
             if kind == HEAD and phase == "prefill":
                 continue                                      # the head only ever sees the last position
+            if kind == ATTN:      # a large model's cache at a large batch is timed at a smaller one
+                per_sequence = 2 * spec.num_kv_heads * (context + 1) * spec.head_dim * dtype.itemsize
+                batch = max(1, min(batch, MAX_LAYER_BYTES // per_sequence))
             if compiled:
                 warm_up(kernels, spec, dtype, batch, new, device)
             st = _LayerStep(batch, new, context, spec, dtype, device)
-            cache = KVCache(batch * spec.num_kv_heads, context + 1, spec.head_dim, dtype, device) \
-                if kind == ATTN else None
+            caches = [None]
+            if kind == ATTN:
+                rows = batch * spec.num_kv_heads
+                cache_bytes = 2 * rows * (context + 1) * spec.head_dim * dtype.itemsize
+                caches = [KVCache(rows, context + 1, spec.head_dim, dtype, device)
+                          for _ in range(_copies(cache_bytes))]
             x = torch.randn(batch, new, spec.hidden_size, dtype=dtype, device=device)
             n = [0]
 
             def run():
-                w = weights[n[0] % copies]
+                w, cache = weights[n[0] % copies], caches[n[0] % len(caches)]
                 n[0] += 1
                 compute_layer(spec, j, w, x, st, cache.segments() if cache else None, inv_freq, kernels)
 
             with torch.inference_mode():
                 seconds = _best_time(run, min_seconds=0.3, repeats=2)
             table.append([batch * new, seconds / model.analytic_time(j, batch, new, context)])
+            del caches
         if kind == HEAD:
-            table.append([LAYER_POINTS["prefill"][0] * LAYER_POINTS["prefill"][1], table[0][1]])
+            table.append([LAYER_POINTS["prefill"][0] * LAYER_POINTS["prefill"][1], table[-1][1]])
         out[kind] = sorted(table)
         del weights
     if MLP in out and "embed" not in out:

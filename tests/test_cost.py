@@ -109,3 +109,21 @@ def test_search_prefers_ram_for_weights_when_disk_is_slow():
     slow = search_policy(spec, wl, hw, Knobs(), with_matmul(
         calibration(**{"disk->cpu": 2e8, "cpu->disk": 1e8}), spec))[0]
     assert slow.estimate.block_seconds > fast.estimate.block_seconds
+
+
+def test_search_fits_where_whole_layer_placement_overshoots_the_lp():
+    """OPT-6.7B's tied 0.4 GB embedding has a home in two layers and weights are placed a
+    whole layer at a time: the LP's fractions, taken as they are, overshoot a 6 GiB cpu
+    tier (this failed with "no policy fits").  The search moves weights down until each
+    finalist fits, and every one it returns passes the full check."""
+    spec = ModelSpec.from_hf_config(builtin_config("opt-6.7b"))
+    model = with_matmul(calibration(), spec)
+    wl = Workload(16, 128, 16)
+    cap = {"gpu": None, "cpu": 6 << 30, "disk": 1 << 40}
+    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": cap["cpu"], "disk_mem": cap["disk"]}
+    candidates = search_policy(spec, wl, hw, Knobs(), model)
+    assert candidates
+    for cand in candidates:
+        assert 0 < cand.policy.weights.cpu < 100 and cand.policy.weights.disk > 0
+        _g, checked = plan_for_policy(spec, wl, cand.policy, False, cap)
+        assert checked.peak["cpu"] <= cap["cpu"]

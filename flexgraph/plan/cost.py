@@ -95,7 +95,7 @@ class CostModel:
 
     ``corrections`` (from :func:`flexgraph.calibrate.measure_layers`) scale the analytic
     compute time of each layer kind by what running that kind's real maths measured —
-    at a decode-sized and a prefill-sized batch, interpolated in log(tokens) between —
+    at a small and a large decode batch and a prefill, interpolated in log(tokens) —
     so element-wise chains, weights streamed from memory rather than cache, and the
     kernels' real efficiency are in the estimate.
     """

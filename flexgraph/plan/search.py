@@ -85,7 +85,8 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
     P, G = workload.prompt_len, workload.gen_len
     L = spec.num_layers
     n_attn = spec.num_blocks
-    w_total = sum(stored_weight_bytes(w, e, base.compress_weight) for w in spec.all_weights())
+    # per layer, as the homes are placed (a tied embedding has a home in both its layers)
+    w_total = sum(stored_weight_bytes(w, e, base.compress_weight) for j in range(L) for w in spec.layer_weights(j))
     w_layer = w_total / L                                                # average weight bytes per layer
     sz = make_sizes(spec, replace(base, weights=Split(0, 100), cache=Split(0, 100), activations=Split(0, 100)),
                     has_gpu)
@@ -234,14 +235,10 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
                 w = knobs.weights
             cand = Candidate(replace(base, weights=w, cache=c, activations=a), seconds)
         try:
+            if knobs.percent is None and knobs.weights is None:
+                cand.policy = _fit_weights(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
+            _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
             cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap, model, knobs.prefetch, overlap)
-            homes = _home_bytes(spec, workload, cand.policy, has_gpu)
-            work = working_set(spec, workload, cand.policy, has_gpu, knobs.prefetch)
-            for t in TIERS:
-                need = homes[t] + work[t]
-                if need and (cap[t] is None or need > cap[t]):
-                    raise RuleViolation(4, "the plan", f"needs {need} bytes on {t}", tier=t, needed=need,
-                                        capacity=cap[t])
         except RuleViolation as e:
             cand.error = str(e)
         evaluated.append(cand)
@@ -270,6 +267,48 @@ def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs:
         return cand.policy, graph, checked, notes, candidates
     raise PlanError(f"no searched policy passes the full check ({last}); give more memory or set the "
                     "policy by hand")
+
+
+def _overshoot(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
+               prefetch: bool) -> tuple[str, int, int] | None:
+    """The first tier whose homes plus working set exceed its capacity: (tier, needed, over)."""
+    homes = _home_bytes(spec, workload, policy, has_gpu)
+    work = working_set(spec, workload, policy, has_gpu, prefetch)
+    for t in TIERS:
+        need = homes[t] + work[t]
+        if need and (cap[t] is None or need > cap[t]):
+            return t, need, need - (cap[t] or 0)
+    return None
+
+
+def _check_fits(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
+                prefetch: bool) -> None:
+    over = _overshoot(spec, workload, policy, has_gpu, cap, prefetch)
+    if over is not None:
+        t, need, _ = over
+        raise RuleViolation(4, "the plan", f"needs {need} bytes on {t}", tier=t, needed=need, capacity=cap[t])
+
+
+def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
+                 prefetch: bool) -> Policy:
+    """The LP's fractions are continuous and its working set an allowance; weights are placed
+    a whole layer at a time and rounded to percent.  Where that overshoots a tier, move
+    weights one tier down (gpu -> cpu -> disk) by the overshoot, a few times at most."""
+    layer_bytes = sum(stored_weight_bytes(w, policy.itemsize, policy.compress_weight)
+                      for j in range(spec.num_layers) for w in spec.layer_weights(j))
+    for _ in range(8):
+        over = _overshoot(spec, workload, policy, has_gpu, cap, prefetch)
+        if over is None or over[0] == "disk":
+            return policy
+        t, _need, excess = over
+        w = policy.weights
+        share = w.gpu if t == "gpu" else w.cpu
+        step = min(share, max(1, math.ceil(100 * excess / layer_bytes)))
+        if step == 0:
+            return policy            # no weights left to move: the check says why
+        moved = Split(w.gpu - step, w.cpu + step) if t == "gpu" else Split(w.gpu, w.cpu - step)
+        policy = replace(policy, weights=moved)
+    return policy
 
 
 def _home_bytes(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool) -> dict[str, int]:
