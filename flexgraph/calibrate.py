@@ -96,6 +96,7 @@ class Calibration:
     attention: list[list[float]] = field(default_factory=list)      # [[q rows per chunk, FLOP/s], ...]
     node_overhead: float = 0.0                                      # seconds per executor node
     layers: dict[str, dict] = field(default_factory=dict)           # layer_signature -> corrections
+    dequant: float = 0.0            # dense bytes/s out of 4-bit group-wise decoding (0: not measured)
     measured_at: str = ""
 
     def to_json(self) -> dict:
@@ -294,6 +295,25 @@ LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill"
 STREAM_BYTES = 256 << 20
 MAX_COPIES = 64
 MAX_LAYER_BYTES = 1 << 30              # bigger layers are not timed (too slow, too much memory)
+
+
+def measure_dequant(dtype: torch.dtype, device: torch.device) -> float:
+    """Dense bytes per second that decoding a 4-bit group-wise matrix produces (a matrix
+    bigger than the last-level cache, as a layer's weights are)."""
+    from flexgraph.compress.quant import WEIGHT_GROUP_DIM, dequantize_into, quantize
+    dense = torch.randn(8192, 8192, dtype=dtype, device=device)
+    q = quantize(dense, WEIGHT_GROUP_DIM)
+    seconds = _best_time(lambda: dequantize_into(q, dense), min_seconds=0.3, repeats=2)
+    return dense.numel() * dense.element_size() / seconds
+
+
+def ensure_dequant(cal: Calibration, dtype: torch.dtype, has_gpu_tier: bool) -> None:
+    """Measure the decoding rate once per machine (compressed weights or cache need it)."""
+    if cal.dequant <= 0:
+        log.info("calibrating_dequant")
+        dev = torch.device("cuda" if cal.device == "cuda" else "cpu")
+        cal.dequant = _in_thread(measure_dequant, dtype, dev)
+        save_calibration(cal, calibration_path(cal.device, cal.dtype, has_gpu_tier))
 
 
 def _copies(nbytes: int) -> int:

@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool = False, compiled: bool = False):
+def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool = False, compiled: bool = False,
+                    compress_weight: bool = False, compress_cache: bool = False):
     """The calibrated cost model for ``spec`` on this machine (measuring what is missing)."""
-    from flexgraph.calibrate import ensure_layers, ensure_matmul, load_calibration
+    from flexgraph.calibrate import ensure_dequant, ensure_layers, ensure_matmul, load_calibration
     from flexgraph.plan.cost import CostModel
     from flexgraph.plan.planner import default_dtype
     from flexgraph.plan.policy import DTYPES
@@ -127,9 +128,12 @@ def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool =
     torch_dtype = DTYPES[dtype or default_dtype(hardware.get("device", "cpu"))]
     has_gpu = hardware.get("gpu_mem") is not None
     cal = load_calibration(hardware.get("device", "cpu"), torch_dtype, hardware["offload_dir"], has_gpu, recalibrate)
-    model = CostModel(spec, cal, torch_dtype.itemsize)
+    model = CostModel(spec, cal, torch_dtype.itemsize, compress_weight=compress_weight,
+                      compress_cache=compress_cache)
     ensure_matmul(cal, model.matmul_shapes(), torch_dtype, has_gpu)
     ensure_layers(cal, model, torch_dtype, compiled, has_gpu)
+    if compress_weight or compress_cache:
+        ensure_dequant(cal, torch_dtype, has_gpu)
     return model
 
 
@@ -172,7 +176,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         hw.setdefault("sources", {})["compile"] = f"{COMPILE_MEMORY} bytes of the cpu tier kept for torch.compile"
     cost_model = None
     if args.search == "cost":
-        cost_model = load_cost_model(ref.spec, hw, knobs.dtype, args.recalibrate, compiled)
+        cost_model = load_cost_model(ref.spec, hw, knobs.dtype, args.recalibrate, compiled,
+                                     knobs.compress_weight, knobs.compress_cache)
     plan = make_plan(ref, workload, sampling, hw, knobs, cost_model)
     plan.compile = compiled
     save_plan(plan, args.out)

@@ -127,3 +127,21 @@ def test_search_fits_where_whole_layer_placement_overshoots_the_lp():
         assert 0 < cand.policy.weights.cpu < 100 and cand.policy.weights.disk > 0
         _g, checked = plan_for_policy(spec, wl, cand.policy, False, cap)
         assert checked.peak["cpu"] <= cap["cpu"]
+
+
+def test_decoding_4bit_weights_and_cache_is_charged_to_each_compute():
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    cal = calibration()
+    cal.dequant = 1 * GB
+    plain = with_matmul(cal, spec)
+    both = CostModel(spec, cal, 2, compress_weight=True, compress_cache=True)
+    both.corrections = plain.corrections
+    attn, mlp = 1, 2
+    matrices = lambda j: sum(w.numel for w in spec.layer_weights(j) if len(w.shape) == 2)  # noqa: E731
+    assert plain.decode_time(mlp, 8, 1, 100) == 0.0
+    assert both.decode_time(mlp, 8, 1, 100) == pytest.approx(matrices(mlp) * 2 / GB)
+    prefix = 2 * 8 * spec.num_kv_heads * 99 * spec.head_dim * 2 / GB
+    assert both.decode_time(attn, 8, 1, 100) == pytest.approx(matrices(attn) * 2 / GB + prefix)
+    assert both.decode_time(0, 8, 1, 100) == 0.0                      # the embedding decodes rows only
+    assert both.compute_time(mlp, 8, 1, 100) == pytest.approx(plain.compute_time(mlp, 8, 1, 100)
+                                                              + matrices(mlp) * 2 / GB)

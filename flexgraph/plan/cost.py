@@ -101,10 +101,26 @@ class CostModel:
     """
 
     def __init__(self, spec: ModelSpec, cal: Calibration, itemsize: int,
-                 corrections: dict[str, list[list[float]]] | None = None):
+                 corrections: dict[str, list[list[float]]] | None = None,
+                 compress_weight: bool = False, compress_cache: bool = False):
         self.spec, self.cal, self.itemsize = spec, cal, itemsize
         self.corrections = corrections or {}
+        # 4-bit weights and cache are decoded on use, by every compute node that reads them
+        self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self._compute_cache: dict[tuple, float] = {}
+
+    def decode_time(self, j: int, batch: int, new: int, context: int) -> float:
+        """Seconds one compute node of layer j spends decoding 4-bit weights and cache."""
+        if self.cal.dequant <= 0 or not (self.compress_weight or self.compress_cache):
+            return 0.0
+        from flexgraph.compress.quant import should_compress
+        layer = self.spec.layer(j)
+        dense = 0
+        if self.compress_weight and layer.kind != EMBED:     # an embedding decodes only the rows it needs
+            dense += sum(w.numel for w in self.spec.layer_weights(j) if should_compress(w.name, w.shape))
+        if self.compress_cache and layer.kind == ATTN:       # the cached prefix, keys and values
+            dense += 2 * batch * self.spec.num_kv_heads * (context - new) * self.spec.head_dim
+        return dense * self.itemsize / self.cal.dequant
 
     def analytic_time(self, j: int, batch: int, new: int, context: int) -> float:
         """The compute time from calibrated rates alone (before corrections)."""
@@ -137,6 +153,7 @@ class CostModel:
         if table:
             from flexgraph.calibrate import _interp
             t *= _interp(table, batch * new)
+        t += self.decode_time(j, batch, new, context)
         self._compute_cache[key] = t
         return t
 
