@@ -337,3 +337,17 @@ def test_properties_on_random_shapes(shape, gd_pick, dtype, seed, log_scale, gro
         quantize_into(x.narrow(other, half, shape[other] - half), part.narrow(other, half, shape[other] - half))
         for a, b in zip(q.buffers(), part.buffers()):
             assert torch.equal(a, b)
+
+
+def test_weights_quantised_a_slice_of_columns_at_a_time_equal_whole(monkeypatch):
+    """Homes quantise big matrices in column slices (bounded memory); groups run along the
+    output channels, so every slice's groups are whole and the bytes are identical."""
+    from flexgraph.compress.quant import WEIGHT_GROUP_DIM, qtensor_empty, quantize
+    from flexgraph.exec import homes
+    torch.manual_seed(0)
+    w = torch.randn(200, 77, dtype=torch.bfloat16)
+    monkeypatch.setattr(homes, "QUANTIZE_SLICE_BYTES", 200 * 2 * 10)        # 10 columns a slice
+    sliced = homes._quantize_in_slices(w, qtensor_empty(w.shape, w.dtype, WEIGHT_GROUP_DIM))
+    whole = quantize(w, WEIGHT_GROUP_DIM)
+    for a, b in zip(sliced.buffers(), whole.buffers()):
+        assert torch.equal(a, b)

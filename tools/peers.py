@@ -624,22 +624,22 @@ def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_l
     base = {"peer": peer, "batch": batch, "prompt_len": prompt_len, "gen_len": gen_len, "prefill_s": None,
             "decode_s": None, "total_s": None, "throughput": None, "peak_rss": None, "ok": False,
             "cap": cap_bytes}
-    scratch = None
-    if peer == "accelerate":
-        peers_dir().mkdir(parents=True, exist_ok=True)   # on the same disk as the cache, not tmpfs
-        scratch = Path(tempfile.mkdtemp(prefix="offload-", dir=peers_dir()))
+    peers_dir().mkdir(parents=True, exist_ok=True)       # on the same disk as the cache, not tmpfs
+    # the worker's own temporary files (transformers stages offloaded shards in a mkdtemp)
+    # go here too, so that a worker killed by the cap or a signal leaves nothing behind
+    scratch = Path(tempfile.mkdtemp(prefix="offload-", dir=peers_dir()))
     cmd = worker_command(peer, model_dir, batch, prompt_len, gen_len, dtype, cap_bytes=cap_bytes,
-                         max_memory=max_memory, offload_folder=scratch, offload=offload, seed=seed,
-                         threads=threads)
+                         max_memory=max_memory, offload_folder=scratch / "offload" if peer == "accelerate" else None,
+                         offload=offload, seed=seed, threads=threads)
+    env = {**os.environ, "TMPDIR": str(scratch)}
     try:
-        r = cg.run_capped(cmd, cap_bytes, capture_output=True, timeout=timeout, drop_caches=drop_caches)
+        r = cg.run_capped(cmd, cap_bytes, capture_output=True, timeout=timeout, drop_caches=drop_caches, env=env)
     except Exception as e:      # timeout (run_capped killed the worker), cgroup trouble
         import subprocess
         why = f"timed out after {timeout} s" if isinstance(e, subprocess.TimeoutExpired) else f"{type(e).__name__}: {e}"
         return {**base, "reason": why, "oom": False}
     finally:
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     line = _last_json(r.stdout)
     res = {**base, **(line or {})}
     res.update(cap=cap_bytes, cgroup_peak=r.peak_bytes, wall_s=round(r.wall_seconds, 3), returncode=r.returncode,

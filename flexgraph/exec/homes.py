@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, WEIGHT_GROUP_DIM, QLayout, QTensor, qlayout, qtensor_empty,
-                                      quantize, should_compress, to_bytes_layout)
+                                      quantize_into, should_compress, to_bytes_layout)
 from flexgraph.errors import ExecutionError
 from flexgraph.exec.diskio import DiskIO, aligned_empty
 from flexgraph.log import get_logger
@@ -276,14 +276,35 @@ def _place_compressed(store, name: str, shape, tier: str, dtype: torch.dtype, ti
     entry = store.entry(name)
     if tuple(entry.shape) != tuple(shape):
         raise ExecutionError(f"weight {name} has shape {tuple(entry.shape)} in the store, the model needs {shape}")
-    q = quantize(store.read(name, dtype=dtype, verify=False), WEIGHT_GROUP_DIM)
+    dense = store.read(name, dtype=dtype, verify=False)
     if tier == "disk":
+        q = _quantize_in_slices(dense, qtensor_empty(shape, dtype, WEIGHT_GROUP_DIM))
         qd = QDiskTensor(tiers.file(f"w-{name}.q4"), 0, qlayout(shape, dtype, WEIGHT_GROUP_DIM))
         tiers.write(qd.whole(), to_bytes_layout(q))
         return WeightHome("disk", qdisk=qd)
     home = tiers.empty_q(tier, shape, dtype, WEIGHT_GROUP_DIM)
-    home.copy_(q)
+    if home.packed.device == dense.device:
+        _quantize_in_slices(dense, home)
+    else:
+        home.copy_(_quantize_in_slices(dense, qtensor_empty(shape, dtype, WEIGHT_GROUP_DIM)))
     return WeightHome(tier, q=home)
+
+
+QUANTIZE_SLICE_BYTES = 64 << 20
+
+
+def _quantize_in_slices(dense: torch.Tensor, out: QTensor) -> QTensor:
+    """Quantise ``dense`` into ``out`` a slice of columns at a time: quantising works in
+    float32 with a few temporaries, ~8x the input's size — 8 GB for a Llama-3 embedding
+    table at once, which no memory cap near the model's size leaves room for."""
+    if dense.dim() != 2 or out.group_dim != 0:
+        return quantize_into(dense, out)
+    rows, cols = dense.shape
+    step = max(1, QUANTIZE_SLICE_BYTES // max(1, rows * dense.element_size()))
+    for c in range(0, cols, step):
+        n = min(step, cols - c)
+        quantize_into(dense.narrow(1, c, n), out.narrow(1, c, n))
+    return out
 
 
 # ---- KV cache ----------------------------------------------------------------------------
