@@ -18,9 +18,10 @@ What is measured (for one working dtype and device):
   item), which bounds how small a node can usefully be;
 - **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
   eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (a small and a
-  large decode batch, a prefill) with
-  its weights streamed from memory; the ratio to the analytic time corrects the cost
-  model (element-wise chains and memory-bound products are not what FLOP/s predict).
+  large decode batch, a prefill) with its weights and cache streamed from memory; the
+  ratio to the analytic time corrects the cost model (element-wise chains and
+  memory-bound products are not what FLOP/s predict);
+- **4-bit decoding** (:func:`measure_dequant`), when a plan compresses weights or cache.
 
 The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine key is
 the CPU model, core count, RAM, device and torch version.  ``--recalibrate`` redoes it.
@@ -291,7 +292,7 @@ LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill"
 # Cycle through this much weight memory, and as much KV cache, when timing a layer: a
 # run streams every layer's weights and every batch's cache from DRAM, and a timing
 # that reuses a few copies would find them in the last-level cache (105 MiB on this
-# machine's Xeon) and come out up to twice too fast.
+# machine's Xeon) and time faster than a run can go.
 STREAM_BYTES = 256 << 20
 MAX_COPIES = 64
 MAX_LAYER_BYTES = 1 << 30              # bigger layers are not timed (too slow, too much memory)

@@ -295,8 +295,9 @@ QUANTIZE_SLICE_BYTES = 64 << 20
 
 def _quantize_in_slices(dense: torch.Tensor, out: QTensor) -> QTensor:
     """Quantise ``dense`` into ``out`` a slice of columns at a time: quantising works in
-    float32 with a few temporaries, ~8x the input's size — 8 GB for a Llama-3 embedding
-    table at once, which no memory cap near the model's size leaves room for."""
+    float32 with a few temporaries, several times the input's size — gigabytes for a
+    Llama-3 embedding table at once, which a memory cap near the model's size does not
+    leave (the 4-bit Llama-3.1-8B run under 8 GiB was OOM-killed before this)."""
     if dense.dim() != 2 or out.group_dim != 0:
         return quantize_into(dense, out)
     rows, cols = dense.shape
