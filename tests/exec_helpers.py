@@ -14,7 +14,7 @@ from flexgraph.models.sampling import SamplingParams
 from flexgraph.plan.planner import Knobs, make_plan
 from flexgraph.weights.convert_hf import convert_hf
 from flexgraph.weights.resolve import resolve_model
-from hf_tiny import tiny_model
+from hf_tiny import hf_greedy, padded_prompts, tiny_model
 
 GiB = 1 << 30
 
@@ -26,6 +26,16 @@ def tiny_store(name: str, tmp: Path):
     model.save_pretrained(hf_dir)
     store = convert_hf(hf_dir, tmp / f"store-{name}", progress=False)
     return model, store
+
+
+def tiny_case(name: str, tmp: Path, lengths, gen_len: int, seed: int = 3):
+    """A tiny model of family ``name`` as transformers and as a store, left-padded random
+    prompts of ``lengths``, and transformers' greedy answer:
+    ``(model, store, ids, mask, hf_ids [B, gen_len], hf_logits [B, gen_len, V])``."""
+    model, store = tiny_store(name, tmp)
+    ids, mask = padded_prompts(store.spec.vocab_size, lengths, seed=seed)
+    hf_ids, hf_logits = hf_greedy(model, ids, mask, gen_len)
+    return model, store, ids, mask, hf_ids, hf_logits
 
 
 def hardware(tmp: Path, gpu_mem: int | None = None, cpu_mem: int = 4 * GiB) -> dict:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exec_helpers import GiB, prompts_of, run_tiny, tiny_store
+from exec_helpers import GiB, prompts_of, run_tiny, tiny_case
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, WEIGHT_GROUP_DIM, dequantize_into, fake_quantize, qlayout,
                                       qtensor_empty, quantize, quantize_into, should_compress)
 from flexgraph.errors import RuleViolation
@@ -41,7 +41,7 @@ from flexgraph.models.spec import ATTN, ModelSpec
 from flexgraph.plan.checker import check_path
 from flexgraph.plan.policy import Policy, Split, policy_weight_placement
 from flexgraph.plan.traversal import make_path
-from hf_tiny import hf_greedy, padded_prompts
+from hf_tiny import hf_greedy
 
 FAMILIES = ["opt-350m-shape", "llama3-rope-scaling-gqa4"]
 LENGTHS = [7, 3, 5, 1, 6, 2, 7, 4]       # 8 prompts of different lengths
@@ -115,9 +115,7 @@ def reference_generate(store, ids, mask, gen: int, compress_weight: bool, compre
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    model, store = tiny_store(request.param, tmp)
-    ids, mask = padded_prompts(store.spec.vocab_size, LENGTHS, seed=3)
-    hf_ids, hf_logits = hf_greedy(model, ids, mask, GEN)
+    model, store, ids, mask, hf_ids, hf_logits = tiny_case(request.param, tmp, LENGTHS, GEN)
     refs = {name: reference_generate(store, ids, mask, GEN, *flags) for name, flags in VARIANTS.items()}
     refs["none"] = reference_generate(store, ids, mask, GEN, False, False)
     with torch.no_grad():
@@ -125,8 +123,8 @@ def family(request, tmp_path_factory):
             if should_compress(name, tuple(p.shape)):
                 p.copy_(fake_quantize(p, WEIGHT_GROUP_DIM))
     hf_4bit = hf_greedy(model, ids, mask, GEN)
-    return {"store": store, "prompts": prompts_of(ids, mask), "hf": (hf_ids, hf_logits), "hf_4bit": hf_4bit,
-            "refs": refs, "tmp": tmp}
+    return {"store": store, "ids": ids, "mask": mask, "prompts": prompts_of(ids, mask), "hf": (hf_ids, hf_logits),
+            "hf_4bit": hf_4bit, "refs": refs, "tmp": tmp}
 
 
 def _run(fam, variant: str, **kw):
@@ -415,8 +413,7 @@ def test_policy_search_plans_with_compressed_sizes():
 
 def test_python_api_with_compression(family, tmp_path):
     from flexgraph.api import FlexModel
-    store = family["store"]
-    ids, mask = padded_prompts(store.spec.vocab_size, LENGTHS, seed=3)
+    store, ids, mask = family["store"], family["ids"], family["mask"]
     with FlexModel.from_pretrained(str(store.path), percent=(30, 30, 30, 30, 100, 0), gpu_batch_size=4,
                                    num_gpu_batches=2, dtype="float32", gpu_mem="1GiB", cpu_mem="4GiB",
                                    disk_mem="8GiB", offload_dir=str(tmp_path), compress_weight=True,

@@ -10,8 +10,7 @@ off; prefetch on and off.
 import pytest
 import torch
 
-from exec_helpers import GiB, prompts_of, run_tiny, tiny_store
-from hf_tiny import hf_greedy, padded_prompts
+from exec_helpers import GiB, prompts_of, run_tiny, tiny_case
 
 FAMILIES = ["opt-350m-shape", "llama3-rope-scaling-gqa4"]
 LENGTHS = [7, 3, 5, 1, 6, 2, 7, 4]       # 8 prompts of different lengths
@@ -30,9 +29,7 @@ SHAPES = [(1, 1), (2, 3), (4, 2)]
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(request.param)
-    model, store = tiny_store(request.param, tmp)
-    ids, mask = padded_prompts(store.spec.vocab_size, LENGTHS, seed=3)
-    expected, _ = hf_greedy(model, ids, mask, GEN)
+    _model, store, ids, mask, expected, _ = tiny_case(request.param, tmp, LENGTHS, GEN)
     return store, prompts_of(ids, mask), expected.tolist(), tmp
 
 

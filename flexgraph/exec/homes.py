@@ -29,6 +29,7 @@ three contiguous writes (:class:`QDiskTensor`).
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import uuid
@@ -91,12 +92,7 @@ class QDiskTensor:
 
 def _lead_bytes(t: DiskTensor, n: int) -> int:
     """Bytes of the first ``n`` entries along dim 0 of a file tensor (contiguous)."""
-    shape = t.shape
-    itemsize = t.dtype.itemsize
-    per = itemsize
-    for d in shape[1:]:
-        per *= d
-    return n * per
+    return n * math.prod(t.shape[1:]) * t.dtype.itemsize
 
 
 class Tiers:

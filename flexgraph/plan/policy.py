@@ -166,6 +166,13 @@ def stored_weight_bytes(w: WeightInfo, itemsize: int, compress: bool = False) ->
     return w.numel * itemsize
 
 
+def placed_weight_bytes(spec: ModelSpec, itemsize: int, compress: bool = False) -> int:
+    """Bytes of every layer's weight homes together, as :func:`weight_placement` places
+    them: a tied embedding has a home in both its layers, so it counts twice."""
+    return sum(stored_weight_bytes(w, itemsize, compress) for j in range(spec.num_layers)
+               for w in spec.layer_weights(j))
+
+
 def weight_placement(spec: ModelSpec, split: Split, itemsize: int, compress: bool = False) -> WeightPlacement:
     """FlexGen's rule: within each layer, a tensor's home is chosen by the midpoint of its
     cumulative byte range against the gpu / cpu / disk percentage boundaries.  Byte sizes

@@ -27,7 +27,7 @@ from flexgraph.graph.builder import Workload, make_sizes, static_homes
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ATTN, ModelSpec
 from flexgraph.plan.cost import CostModel, Estimate, simulate
-from flexgraph.plan.policy import TIERS, Policy, Split, stored_weight_bytes
+from flexgraph.plan.policy import TIERS, Policy, Split, placed_weight_bytes
 from flexgraph.plan.planner import Knobs, capacities, plan_for_policy, policy_flags, working_set
 
 log = get_logger(__name__)
@@ -85,8 +85,7 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
     P, G = workload.prompt_len, workload.gen_len
     L = spec.num_layers
     n_attn = spec.num_blocks
-    # per layer, as the homes are placed (a tied embedding has a home in both its layers)
-    w_total = sum(stored_weight_bytes(w, e, base.compress_weight) for j in range(L) for w in spec.layer_weights(j))
+    w_total = placed_weight_bytes(spec, e, base.compress_weight)         # as the homes are placed
     w_layer = w_total / L                                                # average weight bytes per layer
     sz = make_sizes(spec, replace(base, weights=Split(0, 100), cache=Split(0, 100), activations=Split(0, 100)),
                     has_gpu)
@@ -294,8 +293,7 @@ def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: b
     """The LP's fractions are continuous and its working set an allowance; weights are placed
     a whole layer at a time and rounded to percent.  Where that overshoots a tier, move
     weights one tier down (gpu -> cpu -> disk) by the overshoot, a few times at most."""
-    layer_bytes = sum(stored_weight_bytes(w, policy.itemsize, policy.compress_weight)
-                      for j in range(spec.num_layers) for w in spec.layer_weights(j))
+    layer_bytes = placed_weight_bytes(spec, policy.itemsize, policy.compress_weight)
     for _ in range(8):
         over = _overshoot(spec, workload, policy, has_gpu, cap, prefetch)
         if over is None or over[0] == "disk":
