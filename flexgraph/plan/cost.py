@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from flexgraph.calibrate import Calibration
+from flexgraph.calibrate import Calibration, _interp
+from flexgraph.compress.quant import should_compress
 from flexgraph.graph.builder import COMPUTE
 from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
 from flexgraph.plan.checker import CheckedPath
@@ -113,7 +114,6 @@ class CostModel:
         """Seconds one compute node of layer j spends decoding 4-bit weights and cache."""
         if self.cal.dequant <= 0 or not (self.compress_weight or self.compress_cache):
             return 0.0
-        from flexgraph.compress.quant import should_compress
         layer = self.spec.layer(j)
         dense = 0
         if self.compress_weight and layer.kind != EMBED:     # an embedding decodes only the rows it needs
@@ -151,7 +151,6 @@ class CostModel:
         t = self.analytic_time(j, batch, new, context)
         table = self.corrections.get(kind)
         if table:
-            from flexgraph.calibrate import _interp
             t *= _interp(table, batch * new)
         t += self.decode_time(j, batch, new, context)
         self._compute_cache[key] = t
