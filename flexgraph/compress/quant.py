@@ -178,8 +178,14 @@ def scale_shape(shape, group_dim: int, group_size: int = GROUP_SIZE) -> tuple[in
 
 def compressed_nbytes(shape, dtype: torch.dtype, group_dim: int, group_size: int = GROUP_SIZE) -> int:
     """Exact bytes of the compressed form of a ``shape`` tensor (padding included)."""
+    return compressed_itemsize_nbytes(shape, dtype.itemsize, group_dim, group_size)
+
+
+def compressed_itemsize_nbytes(shape, itemsize: int, group_dim: int, group_size: int = GROUP_SIZE) -> int:
+    """:func:`compressed_nbytes` for a working dtype given by its item size: the packed
+    codes plus a scale and a minimum per group in that dtype."""
     return math.prod(packed_shape(shape, group_dim, group_size)) + \
-        2 * math.prod(scale_shape(shape, group_dim, group_size)) * dtype.itemsize
+        2 * math.prod(scale_shape(shape, group_dim, group_size)) * itemsize
 
 
 def should_compress(name: str, shape) -> bool:

@@ -27,13 +27,12 @@ tier) runs the attention over the cache rows homed on cpu and disk on the cpu.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from flexgraph.compress.quant import WEIGHT_GROUP_DIM, packed_shape, scale_shape, should_compress
+from flexgraph.compress.quant import WEIGHT_GROUP_DIM, compressed_itemsize_nbytes, should_compress
 from flexgraph.errors import PlanError
 from flexgraph.models.spec import ModelSpec, WeightInfo
 
@@ -161,8 +160,7 @@ def stored_weight_bytes(w: WeightInfo, itemsize: int, compress: bool = False) ->
     plus per-group scale and minimum in the working dtype (padding included, exactly what
     :func:`~flexgraph.compress.quant.compressed_nbytes` gives)."""
     if compress and should_compress(w.name, w.shape):
-        return (math.prod(packed_shape(w.shape, WEIGHT_GROUP_DIM))
-                + 2 * math.prod(scale_shape(w.shape, WEIGHT_GROUP_DIM)) * itemsize)
+        return compressed_itemsize_nbytes(w.shape, itemsize, WEIGHT_GROUP_DIM)
     return w.numel * itemsize
 
 
