@@ -284,10 +284,10 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
 
 # ---- the model's own layers ----------------------------------------------------------------------
 # (batch, new tokens, context) at which each layer kind is timed.  Decode is timed at a
-# small and a large batch: a small batch's time is mostly per-kernel overhead (dispatch,
-# waking the thread team), which no rate measured on big matmuls predicts, and the
-# search must see it to weigh small GPU batches (fast prefill) against large ones (cheap
-# decode).
+# small and a large batch: per token, a small batch measured 3-4x its analytic time here
+# against ~1.3x for a large one (fixed per-kernel costs no rate of big matmuls predicts),
+# and the search must see that to weigh small GPU batches (fast prefill) against large
+# ones (cheap decode).
 LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill": (16, 512, 512)}
 # Cycle through this much weight memory, and as much KV cache, when timing a layer: a
 # run streams every layer's weights and every batch's cache from DRAM, and a timing
@@ -354,18 +354,15 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
         for phase, (batch, new, context) in LAYER_POINTS.items():
             if kind == HEAD and phase == "prefill":
                 continue                                      # the head only ever sees the last position
+            caches = [None]
             if kind == ATTN:      # a large model's cache at a large batch is timed at a smaller one
                 per_sequence = 2 * spec.num_kv_heads * (context + 1) * spec.head_dim * dtype.itemsize
                 batch = max(1, min(batch, MAX_LAYER_BYTES // per_sequence))
+                caches = [KVCache(batch * spec.num_kv_heads, context + 1, spec.head_dim, dtype, device)
+                          for _ in range(_copies(batch * per_sequence))]
             if compiled:
                 warm_up(kernels, spec, dtype, batch, new, device)
             st = _LayerStep(batch, new, context, spec, dtype, device)
-            caches = [None]
-            if kind == ATTN:
-                rows = batch * spec.num_kv_heads
-                cache_bytes = 2 * rows * (context + 1) * spec.head_dim * dtype.itemsize
-                caches = [KVCache(rows, context + 1, spec.head_dim, dtype, device)
-                          for _ in range(_copies(cache_bytes))]
             x = torch.randn(batch, new, spec.hidden_size, dtype=dtype, device=device)
             n = [0]
 
