@@ -18,7 +18,7 @@ What is measured (for one working dtype and device):
   item), which bounds how small a node can usefully be;
 - **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
   eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (a small and a
-  large decode batch, a prefill) with its weights and cache streamed from memory; the
+  large decode batch, a prefill of 8k and of 32k tokens) with its weights and cache streamed from memory; the
   ratio to the analytic time corrects the cost model (element-wise chains and
   memory-bound products are not what FLOP/s predict);
 - **4-bit decoding** (:func:`measure_dequant`), when a plan compresses weights or cache.
@@ -26,7 +26,9 @@ What is measured (for one working dtype and device):
 The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine key is
 the CPU model, core count, RAM, device and torch version.  ``--recalibrate`` redoes it.
 Each measurement repeats until it has run for a minimum time and keeps the best of a
-few repeats (this is a shared machine: the best is the least disturbed).
+few repeats (this is a shared machine: the best is the least disturbed) — except the
+layer timings, which keep the median of five rounds (their best-of-two swung 2-3x
+between calibrations).
 """
 
 from __future__ import annotations
@@ -67,6 +69,24 @@ def _best_time(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int
                 break
         best = min(best, elapsed / n)
     return best
+
+
+def _median_time(fn: Callable[[], object], rounds: int, min_seconds: float = 0.1) -> float:
+    """Seconds per call: the median of ``rounds`` rounds.  For timings that feed the
+    estimate directly (the layer corrections): a best-of-few here swung 2-3x between
+    calibrations on this shared machine, the median of five much less."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        n, start = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_seconds:
+                break
+        times.append(elapsed / n)
+    return sorted(times)[len(times) // 2]
 
 
 def machine_key(device: str) -> str:
@@ -287,8 +307,15 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
 # small and a large batch: per token, a small batch measured 3-4x its analytic time here
 # against ~1.3x for a large one (fixed per-kernel costs no rate of big matmuls predicts),
 # and the search must see that to weigh small GPU batches (fast prefill) against large
-# ones (cheap decode).
-LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill": (16, 512, 512)}
+# ones (cheap decode).  Prefill is timed at 8k and 32k tokens: the search picks GPU
+# batches of 64-256 sequences where the model is small (a prefill node of 32k-131k
+# tokens), and extrapolating from 8k alone put those 0.55-1.5x off (its ratio moved
+# that much between calibrations); the larger point is skipped where its analytic time
+# exceeds LARGE_POINT_SECONDS (a big model's layer would take many seconds a call).
+LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill": (16, 512, 512),
+                "prefill-large": (64, 512, 512)}
+LARGE_POINT_SECONDS = 1.0
+LAYER_ROUNDS = 5
 # Cycle through this much weight memory, and as much KV cache, when timing a layer: a
 # run streams every layer's weights and every batch's cache from DRAM, and a timing
 # that reuses a few copies would find them in the last-level cache (105 MiB on this
@@ -352,8 +379,10 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
                     for w in spec.layer_weights(j)} for _ in range(copies)]
         table = []
         for phase, (batch, new, context) in LAYER_POINTS.items():
-            if kind == HEAD and phase == "prefill":
+            if kind == HEAD and phase.startswith("prefill"):
                 continue                                      # the head only ever sees the last position
+            if phase == "prefill-large" and model.analytic_time(j, batch, new, context) > LARGE_POINT_SECONDS:
+                continue
             caches = [None]
             if kind == ATTN:      # a large model's cache at a large batch is timed at a smaller one
                 per_sequence = 2 * spec.num_kv_heads * (context + 1) * spec.head_dim * dtype.itemsize
@@ -372,7 +401,7 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
                 compute_layer(spec, j, w, x, st, cache.segments() if cache else None, inv_freq, kernels)
 
             with torch.inference_mode():
-                seconds = _best_time(run, min_seconds=0.3, repeats=2)
+                seconds = _median_time(run, LAYER_ROUNDS)
             table.append([batch * new, seconds / model.analytic_time(j, batch, new, context)])
             del caches
         if kind == HEAD:

@@ -145,3 +145,37 @@ def test_decoding_4bit_weights_and_cache_is_charged_to_each_compute():
     assert both.decode_time(0, 8, 1, 100) == 0.0                      # the embedding decodes rows only
     assert both.compute_time(mlp, 8, 1, 100) == pytest.approx(plain.compute_time(mlp, 8, 1, 100)
                                                               + matrices(mlp) * 2 / GB)
+
+
+def test_layer_corrections_cover_each_point_and_skip_a_slow_large_prefill(monkeypatch):
+    # the real measurement on a tiny Llama: a ratio per kind at each point's token
+    # count; the 32k-token prefill point is left out when its analytic time is too long
+    import torch
+
+    import flexgraph.calibrate as C
+    from hf_tiny import _COMMON, TINY_CONFIGS
+    cls, kwargs = TINY_CONFIGS["llama2-mha"]
+    spec = ModelSpec.from_hf_config(cls(**_COMMON, **kwargs).to_dict(), name="tiny")
+    model = with_matmul(calibration(), spec)
+    monkeypatch.setattr(C, "LAYER_ROUNDS", 1)
+    monkeypatch.setattr(C, "STREAM_BYTES", 1 << 20)
+    tokens = {b * n for b, n, _ in C.LAYER_POINTS.values()}
+    got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
+    assert {k: [t for t, _ in v] for k, v in got.items() if k != "head"} == \
+        {k: sorted(tokens) for k in ("attn", "mlp", "embed")}
+    assert all(r > 0 for table in got.values() for _, r in table)
+    monkeypatch.setattr(C, "LARGE_POINT_SECONDS", 0.0)
+    got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
+    assert [t for t, _ in got["mlp"]] == sorted(tokens - {C.LAYER_POINTS["prefill-large"][0] * 512})
+
+
+def test_importing_flexgraph_turns_on_huge_page_allocations_unless_told_not_to():
+    import os
+    import subprocess
+    import sys
+    code = "import os, flexgraph; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, check=True)
+    assert (on.stdout.strip(), off.stdout.strip()) == ("1", "0")

@@ -84,7 +84,9 @@ Shared machines: each result records ``loadavg`` (1-minute load before and after
 run), ``threads`` and ``OMP_WAIT_POLICY``.  With other processes on the cores, libgomp's
 spin-waiting makes PyTorch's default 2-thread runs collapse (SmolLM2 at load ~10:
 0.39 tok/s at batch 1); ``OMP_WAIT_POLICY=PASSIVE`` in the environment (inherited by
-the workers) avoids that.  Give every system in a comparison the same setting.
+the workers) avoids that.  Give every system in a comparison the same setting.  The
+workers import flexgraph first, so they run with the allocator setting a flexgraph run
+has (PyTorch's ``THP_MEM_ALLOC_ENABLE``, recorded as ``thp_mem_alloc``).
 
 Driver: ``sweep()`` runs each batch size in a fresh subprocess under
 ``tools/cgroup_run.run_capped`` (cgroup limit that counts page cache, page cache
@@ -474,6 +476,7 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
 def run_worker(args) -> dict[str, Any]:
     """Load, warm up, measure; returns the result dict (see the module docstring)."""
     t0 = time.perf_counter()
+    import flexgraph  # noqa: F401  (the same allocator setting as a flexgraph run: THP_MEM_ALLOC_ENABLE)
     import torch
     import transformers
     from transformers import AutoConfig
@@ -490,7 +493,8 @@ def run_worker(args) -> dict[str, Any]:
     result: dict[str, Any] = {"peer": args.peer, "batch": args.batch, "prompt_len": args.prompt_len,
                               "gen_len": args.gen_len, "dtype": args.dtype, "model_dir": str(args.model_dir),
                               "threads": torch.get_num_threads(),
-                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+                              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                              "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     model, info = _load(args, config, dtype)
     result.update(info)
     result["load_s"] = round(time.perf_counter() - t0, 3)
