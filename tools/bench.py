@@ -67,7 +67,7 @@ class Scenario:
 
 
 SCENARIOS = {
-    "a": Scenario("a", "smollm2-135m", False, "16GiB", ("transformers",), (16, 32, 64), 256,
+    "a": Scenario("a", "smollm2-135m", False, "16GiB", ("transformers",), (32, 64, 128, 256), 256,
                   "bundled model in RAM, bfloat16"),
     "b": Scenario("b", "opt-1.3b", True, "3GiB", ("accelerate",), (1, 4, 8, 16), 32,
                   "OPT-1.3B dummy under a 3 GiB cap"),

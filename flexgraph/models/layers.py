@@ -291,6 +291,14 @@ def attention_layer(spec: ModelSpec, w: Weights, h: torch.Tensor, segments, slot
     if mask is None:
         mask = attention_mask(key_valid, slot, s, spec)
     scale = attention_scale(spec)
+    if len(segments) == 1 and segments[0][0].indices(b * nkv) == (0, b * nkv, 1) and segments[0][1].device == h.device:
+        # the whole cache in one buffer where the maths runs (the common case): attend
+        # straight into the output, no [B, nh, s, D] staging copy
+        _, k_buf, v_buf = segments[0]
+        k_buf[:, slot:t] = k_new.to(k_buf.dtype)
+        v_buf[:, slot:t] = v_new.to(v_buf.dtype)
+        kb, vb = k_buf.view(b, nkv, -1, d)[:, :, :t], v_buf.view(b, nkv, -1, d)[:, :, :t]
+        return post(spec, w, h, attend(q, kb, vb, mask, scale).to(h.dtype)), k_new, v_new
     out = torch.empty(b, spec.num_heads, s, d, dtype=h.dtype, device=h.device)
     by_row = out.view(b * nkv, g, s, d)                      # the same memory, one kv head per row
     for rows, k_buf, v_buf in segments:
