@@ -149,6 +149,16 @@ def test_sweep_records_oom_and_stops(tiny_hf):
     assert "no:" in peers.markdown_table(results)
 
 
+def test_peers_run_as_shipped_unless_given_flexgraphs_allocator_setting(tiny_hf):
+    why = cgroup_run.cgroup_problem()
+    if why:
+        pytest.skip(why)
+    shipped = peers.run_one("transformers", tiny_hf, 1, 8, 2, "2GiB")
+    given = peers.run_one("transformers", tiny_hf, 1, 8, 2, "2GiB", huge_pages=True)
+    assert shipped["ok"] and given["ok"]
+    assert (shipped["thp_mem_alloc"], given["thp_mem_alloc"]) == ("0", "1")
+
+
 def test_best_and_table():
     rs = [{"peer": "x", "batch": 1, "ok": True, "throughput": 2.0, "total_s": 1.0},
           {"peer": "x", "batch": 8, "ok": True, "throughput": 5.0, "total_s": 1.0},

@@ -153,11 +153,12 @@ def _last_error(stderr: bytes | None) -> str:
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None) -> Row:
+def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None,
+             huge_pages: bool = False) -> Row:
     peers = _tool("peers")
     model_dir = peers.hf_folder(sc.model, dtype="bfloat16", progress=False)
     results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, timeout=timeout,
-                          on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
+                          huge_pages=huge_pages, on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
     top = peers.best(results)
     return Row(sc.name, peer, top["throughput"] if top else None,
                {"best_batch": top["batch"] if top else None, "sweep": results})
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--gen-len", type=int, default=32)
     ap.add_argument("--compress", action="store_true", help="also run flexgraph with 4-bit weights and cache")
+    ap.add_argument("--peer-huge-pages", action="store_true",
+                    help="run the peers with flexgraph's allocator setting (THP_MEM_ALLOC_ENABLE=1) "
+                         "instead of as shipped")
     ap.add_argument("--no-peers", action="store_true", help="skip the peers (flexgraph and roofline only)")
     ap.add_argument("--num-prompts", type=int, default=None, help="override the scenarios' prompt counts")
     ap.add_argument("--full", action="store_true",
@@ -242,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.compress and sc.dummy:
                 rows.append(run_flexgraph(sc, prompt_len, gen_len, work, True, args.timeout))
             if not args.no_peers:
-                rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout) for peer in sc.peers]
+                rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout, args.peer_huge_pages) for peer in sc.peers]
             report["scenarios"][name] = {"note": sc.note, "cap": sc.cap, "model": sc.model,
                                          "workload": {"prompt_len": prompt_len, "gen_len": gen_len},
                                          "rows": [r.__dict__ for r in rows], "ratios": ratios(rows)}

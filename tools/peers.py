@@ -84,9 +84,13 @@ Shared machines: each result records ``loadavg`` (1-minute load before and after
 run), ``threads`` and ``OMP_WAIT_POLICY``.  With other processes on the cores, libgomp's
 spin-waiting makes PyTorch's default 2-thread runs collapse (SmolLM2 at load ~10:
 0.39 tok/s at batch 1); ``OMP_WAIT_POLICY=PASSIVE`` in the environment (inherited by
-the workers) avoids that.  Give every system in a comparison the same setting.  The
-workers import flexgraph first, so they run with the allocator setting a flexgraph run
-has (PyTorch's ``THP_MEM_ALLOC_ENABLE``, recorded as ``thp_mem_alloc``).
+the workers) avoids that.  Give every system in a comparison the same setting.
+
+Allocator: flexgraph turns on PyTorch's ``THP_MEM_ALLOC_ENABLE`` (huge pages for large
+tensors).  The peers run as shipped, with it off (``huge_pages=True`` gives them
+flexgraph's setting; recorded as ``thp_mem_alloc``): it speeds transformers up in RAM
+(SmolLM2 62.0 tok/s at batch 256 with it, against 51-54 at batch 16-32 without), but its
+2 MiB granules made Accelerate OOM under the 3 GiB cap at batch 4, which runs without.
 
 Driver: ``sweep()`` runs each batch size in a fresh subprocess under
 ``tools/cgroup_run.run_capped`` (cgroup limit that counts page cache, page cache
@@ -476,7 +480,7 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
 def run_worker(args) -> dict[str, Any]:
     """Load, warm up, measure; returns the result dict (see the module docstring)."""
     t0 = time.perf_counter()
-    import flexgraph  # noqa: F401  (the same allocator setting as a flexgraph run: THP_MEM_ALLOC_ENABLE)
+    import flexgraph  # noqa: F401  (sets THP_MEM_ALLOC_ENABLE unless the driver chose, as it does)
     import torch
     import transformers
     from transformers import AutoConfig
@@ -619,7 +623,7 @@ def _tail(data: bytes | None, n: int = 1) -> str:
 def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_len: int, cap_bytes: int,
             dtype: str = "bfloat16", *, max_memory: int | None = None, offload: str = DEFAULT_OFFLOAD,
             timeout: float | None = None, seed: int = 0, threads: int | None = None,
-            drop_caches: bool = True) -> dict[str, Any]:
+            drop_caches: bool = True, huge_pages: bool = False) -> dict[str, Any]:
     """One worker run in a fresh cgroup capped at ``cap_bytes``; never raises for the
     run's own failures (they come back with ``ok: false`` and a ``reason``)."""
     from flexgraph.sizes import format_size, parse_size
@@ -635,7 +639,7 @@ def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_l
     cmd = worker_command(peer, model_dir, batch, prompt_len, gen_len, dtype, cap_bytes=cap_bytes,
                          max_memory=max_memory, offload_folder=scratch / "offload" if peer == "accelerate" else None,
                          offload=offload, seed=seed, threads=threads)
-    env = {**os.environ, "TMPDIR": str(scratch)}
+    env = {**os.environ, "TMPDIR": str(scratch), "THP_MEM_ALLOC_ENABLE": "1" if huge_pages else "0"}
     try:
         r = cg.run_capped(cmd, cap_bytes, capture_output=True, timeout=timeout, drop_caches=drop_caches, env=env)
     except Exception as e:      # timeout (run_capped killed the worker), cgroup trouble
@@ -663,7 +667,8 @@ def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_l
 def sweep(peer: str, model_dir: str | Path, batches: Sequence[int], prompt_len: int, gen_len: int,
           cap_bytes: int | str, dtype: str = "bfloat16", *, offload: str = DEFAULT_OFFLOAD,
           max_memory: int | None = None, timeout: float | None = None, seed: int = 0,
-          threads: int | None = None, on_result: Callable[[dict], None] | None = None) -> list[dict[str, Any]]:
+          threads: int | None = None, on_result: Callable[[dict], None] | None = None,
+          huge_pages: bool = False) -> list[dict[str, Any]]:
     """Run ``peer`` for each batch size (ascending), each in a fresh capped subprocess.
     Failed runs are results with ``ok: false``; after the first out-of-memory batch the
     larger ones are not tried (a timeout or other failure does not stop the sweep)."""
@@ -672,7 +677,7 @@ def sweep(peer: str, model_dir: str | Path, batches: Sequence[int], prompt_len: 
     results = []
     for b in sorted(set(int(x) for x in batches)):
         res = run_one(peer, model_dir, b, prompt_len, gen_len, cap_bytes, dtype, max_memory=max_memory,
-                      offload=offload, timeout=timeout, seed=seed, threads=threads)
+                      offload=offload, timeout=timeout, seed=seed, threads=threads, huge_pages=huge_pages)
         results.append(res)
         if on_result is not None:
             on_result(res)
