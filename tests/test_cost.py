@@ -74,6 +74,20 @@ def test_roofline_names_the_busiest_resource():
     assert est.block_seconds >= roof.seconds
 
 
+def test_loads_of_weights_and_cache_share_the_disk():
+    # weights and cache both on a slow disk: their lanes may overlap, the disk may not,
+    # so a block takes at least every disk byte at the disk's rate
+    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
+    wl = Workload(8, 64, 4)
+    slow_disk = with_matmul(calibration(**{"disk->cpu": 1e7, "cpu->disk": 1e7}), spec)
+    graph, checked = plan_for_policy(spec, wl, Policy(8, 1, Split(0, 20), Split(0, 0), Split(0, 100)), False,
+                                     {"gpu": None, "cpu": 1 << 40, "disk": 1 << 40})
+    roof = roofline(graph, checked, slow_disk)
+    est = simulate(graph, checked, slow_disk)
+    assert est.lane_busy["load_weight"] > 0 and est.lane_busy["load_cache"] > 0
+    assert est.block_seconds >= roof.resources["disk"]
+
+
 def test_search_keeps_everything_in_ram_when_it_fits():
     spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
     model = with_matmul(calibration(), spec)

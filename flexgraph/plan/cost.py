@@ -12,7 +12,8 @@ Every node gets a duration from what the builder says it does:
 
 The path is then *replayed* like the executor runs it: each node starts when its lane
 is free and its dependencies have finished (or, with overlap off, when the previous node
-finished).  The result has FlexGen's terms — prefill and decode time per block, reads
+finished); nodes that read or write the disk also wait for the disk, which all lanes
+share.  The result has FlexGen's terms — prefill and decode time per block, reads
 and writes per tier — but comes from the graph, not from per-model formulas.
 
 :func:`roofline` is the physical limit of the same plan: the busiest resource (compute,
@@ -183,6 +184,9 @@ class Estimate:
         return self.blocks * block_size * gen_len / self.total_seconds
 
 
+DISK = "disk device"
+
+
 def simulate(graph: nx.DiGraph, checked: CheckedPath, model: CostModel, overlap: bool = True,
              blocks: int = 1) -> Estimate:
     """Replay the path on lanes with the modelled durations."""
@@ -198,6 +202,12 @@ def simulate(graph: nx.DiGraph, checked: CheckedPath, model: CostModel, overlap:
         attrs = nodes[node]
         lane = attrs["kind"]
         start = lane_free.get(lane, 0.0)
+        # the disk is one device: loads of weights and of cache, and stores, on their own
+        # lanes still take turns on it (as lanes they overlapped, and the estimate of a
+        # disk-bound decode came out at half the measured time)
+        on_disk = any("disk" in (src, dst) for src, dst, _ in attrs["moves"])
+        if on_disk and lane_free.get(DISK, 0.0) > start:
+            start = lane_free[DISK]
         for q in checked.deps[p]:
             if end[q] > start:
                 start = end[q]
@@ -206,6 +216,8 @@ def simulate(graph: nx.DiGraph, checked: CheckedPath, model: CostModel, overlap:
         dur = model.node_time(attrs, gbs, prompt_len)
         end[p] = start + dur
         lane_free[lane] = end[p]
+        if on_disk:
+            lane_free[DISK] = end[p]
         busy[lane] = busy.get(lane, 0.0) + dur
         if lane == COMPUTE and attrs["i"] == 0 and end[p] > prefill_end:
             prefill_end = end[p]
