@@ -138,6 +138,7 @@ def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool =
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    from flexgraph import hugepages
     from flexgraph.graph.builder import Workload
     from flexgraph.hardware import detect_hardware
     from flexgraph.log import get_logger
@@ -147,6 +148,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flexgraph.plan.summary import plan_summary
     from flexgraph.weights.resolve import resolve_model
 
+    hugepages.for_calibration()
     log = get_logger("flexgraph.plan")
     t0 = time.perf_counter()
     ref = resolve_model(args.model, dummy=args.dummy, seed=args.dummy_seed)
@@ -188,12 +190,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
+    from flexgraph import hugepages
     from flexgraph.exec.executor import ExecOptions
     from flexgraph.exec.run import load_prompts, run_plan
     from flexgraph.plan.planfile import load_plan
+    from flexgraph.log import get_logger
     from flexgraph.weights.resolve import ModelRef, materialize
 
     plan = load_plan(args.plan)
+    huge = hugepages.choose(plan.residency["peak"]["cpu"], plan.residency["capacity"]["cpu"])
+    get_logger("flexgraph.execute").info("huge_pages", on=huge, planned_peak=plan.residency["peak"]["cpu"],
+                                         capacity=plan.residency["capacity"]["cpu"])
     ref = ModelRef.from_json(plan.model)
     store = materialize(ref, dtype=plan.policy.torch_dtype if ref.dummy else None)
     sampling = plan.sampling.override(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,

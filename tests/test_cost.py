@@ -181,15 +181,3 @@ def test_layer_corrections_cover_each_point_and_skip_a_slow_large_prefill(monkey
     monkeypatch.setattr(C, "LARGE_POINT_SECONDS", 0.0)
     got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
     assert [t for t, _ in got["mlp"]] == sorted(tokens - {C.LAYER_POINTS["prefill-large"][0] * 512})
-
-
-def test_importing_flexgraph_turns_on_huge_page_allocations_unless_told_not_to():
-    import os
-    import subprocess
-    import sys
-    code = "import os, flexgraph; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    off = subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
-                         capture_output=True, text=True, check=True)
-    assert (on.stdout.strip(), off.stdout.strip()) == ("1", "0")

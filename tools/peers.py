@@ -86,11 +86,12 @@ spin-waiting makes PyTorch's default 2-thread runs collapse (SmolLM2 at load ~10
 0.39 tok/s at batch 1); ``OMP_WAIT_POLICY=PASSIVE`` in the environment (inherited by
 the workers) avoids that.  Give every system in a comparison the same setting.
 
-Allocator: flexgraph turns on PyTorch's ``THP_MEM_ALLOC_ENABLE`` (huge pages for large
-tensors).  The peers run as shipped, with it off (``huge_pages=True`` gives them
-flexgraph's setting; recorded as ``thp_mem_alloc``): it speeds transformers up in RAM
-(SmolLM2 62.0 tok/s at batch 256 with it, against 51-54 at batch 16-32 without), but its
-2 MiB granules made Accelerate OOM under the 3 GiB cap at batch 4, which runs without.
+Allocator: a flexgraph run whose plan leaves room turns on PyTorch's
+``THP_MEM_ALLOC_ENABLE`` (huge pages for large tensors, :mod:`flexgraph.hugepages`).
+The peers run as shipped, with it off (``huge_pages=True`` gives it to them; recorded as
+``thp_mem_alloc``): it speeds transformers up in RAM (SmolLM2 62.0 tok/s at batch 256
+with it, 57.3 at batch 32 without), but made Accelerate OOM under the 3 GiB cap at
+batch 4, which runs without.
 
 Driver: ``sweep()`` runs each batch size in a fresh subprocess under
 ``tools/cgroup_run.run_capped`` (cgroup limit that counts page cache, page cache
@@ -480,7 +481,6 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
 def run_worker(args) -> dict[str, Any]:
     """Load, warm up, measure; returns the result dict (see the module docstring)."""
     t0 = time.perf_counter()
-    import flexgraph  # noqa: F401  (sets THP_MEM_ALLOC_ENABLE unless the driver chose, as it does)
     import torch
     import transformers
     from transformers import AutoConfig

@@ -1,0 +1,46 @@
+"""Huge pages for large CPU tensors: on where the plan leaves room, off under a tight
+cap, and the user's own setting always wins."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from flexgraph import hugepages
+from test_exec_errors import model, plan, write_prompts  # noqa: F401  (the module-scoped tiny store)
+
+
+@pytest.mark.parametrize("peak, capacity, on", [(1, 100, True), (50, 100, True), (51, 100, False),
+                                                (1, None, False)])
+def test_on_only_where_the_peak_leaves_room(monkeypatch, peak, capacity, on):
+    monkeypatch.delenv(hugepages.ENV, raising=False)
+    assert hugepages.choose(peak, capacity) is on
+    assert os.environ[hugepages.ENV] == ("1" if on else "0")
+
+
+def test_the_users_setting_wins(monkeypatch):
+    monkeypatch.setenv(hugepages.ENV, "0")
+    assert hugepages.choose(1, 100) is False
+    monkeypatch.setenv(hugepages.ENV, "1")
+    assert hugepages.choose(99, 100) is True
+
+
+def _execute_choice(plan_path, prompts, out, env) -> bool:
+    cmd = [sys.executable, "-m", "flexgraph.cli", "--log-format", "json", "execute", str(plan_path),
+           "--prompts", str(prompts), "--out", str(out)]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    (choice,) = [e for e in events if e["event"] == "huge_pages"]
+    return choice["on"]
+
+
+def test_execute_decides_before_running(model, tmp_path):  # noqa: F811
+    store, _ = model
+    p = plan(store, tmp_path)                         # a tiny model in 2 GiB: plenty of room
+    prompts = write_prompts(tmp_path / "prompts.jsonl", 4)
+    env = {k: v for k, v in os.environ.items() if k != hugepages.ENV}
+    assert _execute_choice(p, prompts, tmp_path / "a.jsonl", env) is True
+    assert _execute_choice(p, prompts, tmp_path / "b.jsonl", {**env, hugepages.ENV: "0"}) is False
