@@ -18,9 +18,9 @@ What is measured (for one working dtype and device):
   item), which bounds how small a node can usefully be;
 - **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
   eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (a small and a
-  large decode batch, a prefill of 8k and of 32k tokens) with its weights and cache streamed from memory; the
-  ratio to the analytic time corrects the cost model (element-wise chains and
-  memory-bound products are not what FLOP/s predict);
+  large decode batch, a prefill of 8k and of 32k tokens) with its weights and cache
+  streamed from memory; the ratio to the analytic time corrects the cost model
+  (element-wise chains and memory-bound products are not what FLOP/s predict);
 - **4-bit decoding** (:func:`measure_dequant`), when a plan compresses weights or cache.
 
 The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine key is

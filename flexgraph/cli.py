@@ -193,8 +193,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
     from flexgraph import hugepages
     from flexgraph.exec.executor import ExecOptions
     from flexgraph.exec.run import load_prompts, run_plan
-    from flexgraph.plan.planfile import load_plan
     from flexgraph.log import get_logger
+    from flexgraph.plan.planfile import load_plan
     from flexgraph.weights.resolve import ModelRef, materialize
 
     plan = load_plan(args.plan)

@@ -158,7 +158,8 @@ def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: fl
     peers = _tool("peers")
     model_dir = peers.hf_folder(sc.model, dtype="bfloat16", progress=False)
     results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, timeout=timeout,
-                          huge_pages=huge_pages, on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
+                          huge_pages=huge_pages,
+                          on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
     top = peers.best(results)
     return Row(sc.name, peer, top["throughput"] if top else None,
                {"best_batch": top["batch"] if top else None, "sweep": results})
@@ -246,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.compress and sc.dummy:
                 rows.append(run_flexgraph(sc, prompt_len, gen_len, work, True, args.timeout))
             if not args.no_peers:
-                rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout, args.peer_huge_pages) for peer in sc.peers]
+                rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout, args.peer_huge_pages)
+                         for peer in sc.peers]
             report["scenarios"][name] = {"note": sc.note, "cap": sc.cap, "model": sc.model,
                                          "workload": {"prompt_len": prompt_len, "gen_len": gen_len},
                                          "rows": [r.__dict__ for r in rows], "ratios": ratios(rows)}
