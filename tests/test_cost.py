@@ -161,6 +161,19 @@ def test_decoding_4bit_weights_and_cache_is_charged_to_each_compute():
                                                               + matrices(mlp) * 2 / GB)
 
 
+def test_the_cache_is_decoded_and_encoded_at_its_own_rates():
+    # the cache's layout decodes at its own (slower) rate, and a step's new entries are
+    # encoded at the encoding rate: 99 cached tokens at 0.5 GB/s, 1 new at 0.25 GB/s
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    cal = calibration()
+    cal.dequant, cal.dequant_cache, cal.quant_cache = 2 * GB, 0.5 * GB, 0.25 * GB
+    cache_only = CostModel(spec, cal, 2, compress_cache=True)
+    per_token = 2 * 8 * spec.num_kv_heads * spec.head_dim * 2
+    assert cache_only.decode_time(1, 8, 1, 100) == pytest.approx(per_token * 99 / (0.5 * GB)
+                                                                 + per_token / (0.25 * GB))
+    assert cache_only.decode_time(2, 8, 1, 100) == 0.0                # an MLP has no cache
+
+
 def test_layer_corrections_cover_each_point_and_skip_a_slow_large_prefill(monkeypatch):
     # the real measurement on a tiny Llama: a ratio per kind at each point's token
     # count; the 32k-token prefill point is left out when its analytic time is too long

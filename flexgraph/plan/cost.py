@@ -112,16 +112,21 @@ class CostModel:
         self._compute_cache: dict[tuple, float] = {}
 
     def decode_time(self, j: int, batch: int, new: int, context: int) -> float:
-        """Seconds one compute node of layer j spends decoding 4-bit weights and cache."""
-        if self.cal.dequant <= 0 or not (self.compress_weight or self.compress_cache):
+        """Seconds one compute node of layer j spends decoding 4-bit weights and cache (and
+        encoding its new cache entries), each at its own calibrated rate."""
+        cal = self.cal
+        if cal.dequant <= 0 or not (self.compress_weight or self.compress_cache):
             return 0.0
-        layer = self.spec.layer(j)
-        dense = 0
+        layer, e = self.spec.layer(j), self.itemsize
+        t = 0.0
         if self.compress_weight and layer.kind != EMBED:     # an embedding decodes only the rows it needs
-            dense += sum(w.numel for w in self.spec.layer_weights(j) if should_compress(w.name, w.shape))
-        if self.compress_cache and layer.kind == ATTN:       # the cached prefix, keys and values
-            dense += 2 * batch * self.spec.num_kv_heads * (context - new) * self.spec.head_dim
-        return dense * self.itemsize / self.cal.dequant
+            t += sum(w.numel for w in self.spec.layer_weights(j) if should_compress(w.name, w.shape)) * e / cal.dequant
+        if self.compress_cache and layer.kind == ATTN:
+            per_token = 2 * batch * self.spec.num_kv_heads * self.spec.head_dim * e      # keys and values
+            t += per_token * (context - new) / (cal.dequant_cache or cal.dequant)     # the cached prefix
+            if cal.quant_cache > 0:
+                t += per_token * new / cal.quant_cache                                  # this step's entries
+        return t
 
     def analytic_time(self, j: int, batch: int, new: int, context: int) -> float:
         """The compute time from calibrated rates alone (before corrections)."""
