@@ -55,26 +55,8 @@ M_POINTS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 MAX_KN = 4096
 
 
-def _best_time(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
-    """Seconds per call: the best of ``repeats`` rounds, each long enough to time."""
-    fn()
-    best = math.inf
-    for _ in range(repeats):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        best = min(best, elapsed / n)
-    return best
-
-
-def _median_time(fn: Callable[[], object], rounds: int, min_seconds: float = 0.1) -> float:
-    """Seconds per call: the median of ``rounds`` rounds.  For timings that feed the
-    estimate directly (the layer corrections): a best-of-few here swung 2-3x between
-    calibrations on this shared machine, the median of five much less."""
+def _round_times(fn: Callable[[], object], rounds: int, min_seconds: float) -> list[float]:
+    """Seconds per call of ``rounds`` rounds (after one warm-up call), each long enough to time."""
     fn()
     times = []
     for _ in range(rounds):
@@ -86,7 +68,19 @@ def _median_time(fn: Callable[[], object], rounds: int, min_seconds: float = 0.1
             if elapsed >= min_seconds:
                 break
         times.append(elapsed / n)
-    return sorted(times)[len(times) // 2]
+    return times
+
+
+def _best_time(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
+    """Seconds per call: the best of ``repeats`` rounds."""
+    return min(_round_times(fn, repeats, min_seconds))
+
+
+def _median_time(fn: Callable[[], object], rounds: int, min_seconds: float = 0.1) -> float:
+    """Seconds per call: the median of ``rounds`` rounds.  For timings that feed the
+    estimate directly (the layer corrections): a best-of-few here swung 2-3x between
+    calibrations on this shared machine, the median of five much less."""
+    return sorted(_round_times(fn, rounds, min_seconds))[rounds // 2]
 
 
 def machine_key(device: str) -> str:
@@ -327,14 +321,19 @@ MAX_COPIES = 64
 MAX_LAYER_BYTES = 1 << 30              # bigger layers are not timed (too slow, too much memory)
 
 
+def _decode_rate(dense: torch.Tensor, group_dim: int) -> float:
+    """Dense bytes per second decoding the 4-bit form of ``dense`` back into it produces."""
+    from flexgraph.compress.quant import dequantize_into, quantize
+    q = quantize(dense, group_dim)
+    return dense.numel() * dense.element_size() / _best_time(lambda: dequantize_into(q, dense),
+                                                             min_seconds=0.3, repeats=2)
+
+
 def measure_dequant(dtype: torch.dtype, device: torch.device) -> float:
     """Dense bytes per second that decoding a 4-bit group-wise matrix produces (a matrix
     bigger than the last-level cache, as a layer's weights are)."""
-    from flexgraph.compress.quant import WEIGHT_GROUP_DIM, dequantize_into, quantize
-    dense = torch.randn(8192, 8192, dtype=dtype, device=device)
-    q = quantize(dense, WEIGHT_GROUP_DIM)
-    seconds = _best_time(lambda: dequantize_into(q, dense), min_seconds=0.3, repeats=2)
-    return dense.numel() * dense.element_size() / seconds
+    from flexgraph.compress.quant import WEIGHT_GROUP_DIM
+    return _decode_rate(torch.randn(8192, 8192, dtype=dtype, device=device), WEIGHT_GROUP_DIM)
 
 
 # A KV cache as the executor holds it: [rows, tokens, head dim], grouped along the
@@ -346,12 +345,11 @@ CACHE_SHAPE = (3072, 528, 64)
 
 def measure_cache_codec(dtype: torch.dtype, device: torch.device) -> tuple[float, float]:
     """(decode, encode) dense bytes per second for a KV cache in its 4-bit layout."""
-    from flexgraph.compress.quant import CACHE_GROUP_DIM, dequantize_into, quantize
+    from flexgraph.compress.quant import CACHE_GROUP_DIM, quantize
     dense = torch.randn(CACHE_SHAPE, dtype=dtype, device=device)
-    q = quantize(dense, CACHE_GROUP_DIM)
-    nbytes = dense.numel() * dense.element_size()
-    decode = nbytes / _best_time(lambda: dequantize_into(q, dense), min_seconds=0.3, repeats=2)
-    encode = nbytes / _best_time(lambda: quantize(dense, CACHE_GROUP_DIM), min_seconds=0.3, repeats=2)
+    decode = _decode_rate(dense, CACHE_GROUP_DIM)
+    encode = dense.numel() * dense.element_size() / _best_time(lambda: quantize(dense, CACHE_GROUP_DIM),
+                                                               min_seconds=0.3, repeats=2)
     return decode, encode
 
 

@@ -62,12 +62,18 @@ def test_decode_is_bound_by_memory_prefill_by_flops():
     assert flops / 6e11 <= prefill <= 1.2 * flops / 6e11       # plus a little element-wise work
 
 
-def test_roofline_names_the_busiest_resource():
+def slow_disk_plan(disk_bw: float, cache: Split):
+    """OPT-1.3B, 8 sequences, 80% of the weights on a disk of ``disk_bw`` bytes/s:
+    ``(graph, checked path, cost model)``."""
     spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
-    wl = Workload(8, 64, 4)
-    slow_disk = with_matmul(calibration(**{"disk->cpu": 1e6, "cpu->disk": 1e6}), spec)
-    graph, checked = plan_for_policy(spec, wl, Policy(8, 1, Split(0, 20), Split(0, 100), Split(0, 100)), False,
-                                     {"gpu": None, "cpu": 1 << 40, "disk": 1 << 40})
+    model = with_matmul(calibration(**{"disk->cpu": disk_bw, "cpu->disk": disk_bw}), spec)
+    graph, checked = plan_for_policy(spec, Workload(8, 64, 4), Policy(8, 1, Split(0, 20), cache, Split(0, 100)),
+                                     False, {"gpu": None, "cpu": 1 << 40, "disk": 1 << 40})
+    return graph, checked, model
+
+
+def test_roofline_names_the_busiest_resource():
+    graph, checked, slow_disk = slow_disk_plan(1e6, Split(0, 100))
     roof = roofline(graph, checked, slow_disk)
     assert roof.bound == "disk" and roof.seconds == max(roof.resources.values())
     est = simulate(graph, checked, slow_disk)
@@ -77,11 +83,7 @@ def test_roofline_names_the_busiest_resource():
 def test_loads_of_weights_and_cache_share_the_disk():
     # weights and cache both on a slow disk: their lanes may overlap, the disk may not,
     # so a block takes at least every disk byte at the disk's rate
-    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
-    wl = Workload(8, 64, 4)
-    slow_disk = with_matmul(calibration(**{"disk->cpu": 1e7, "cpu->disk": 1e7}), spec)
-    graph, checked = plan_for_policy(spec, wl, Policy(8, 1, Split(0, 20), Split(0, 0), Split(0, 100)), False,
-                                     {"gpu": None, "cpu": 1 << 40, "disk": 1 << 40})
+    graph, checked, slow_disk = slow_disk_plan(1e7, Split(0, 0))
     roof = roofline(graph, checked, slow_disk)
     est = simulate(graph, checked, slow_disk)
     assert est.lane_busy["load_weight"] > 0 and est.lane_busy["load_cache"] > 0

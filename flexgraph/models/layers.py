@@ -291,16 +291,10 @@ def attention_layer(spec: ModelSpec, w: Weights, h: torch.Tensor, segments, slot
     if mask is None:
         mask = attention_mask(key_valid, slot, s, spec)
     scale = attention_scale(spec)
-    if len(segments) == 1 and segments[0][0].indices(b * nkv) == (0, b * nkv, 1) and segments[0][1].device == h.device:
-        # the whole cache in one buffer where the maths runs (the common case): attend
-        # straight into the output, no [B, nh, s, D] staging copy
-        _, k_buf, v_buf = segments[0]
-        k_buf[:, slot:t] = k_new.to(k_buf.dtype)
-        v_buf[:, slot:t] = v_new.to(v_buf.dtype)
-        kb, vb = k_buf.view(b, nkv, -1, d)[:, :, :t], v_buf.view(b, nkv, -1, d)[:, :, :t]
-        return post(spec, w, h, attend(q, kb, vb, mask, scale).to(h.dtype)), k_new, v_new
-    out = torch.empty(b, spec.num_heads, s, d, dtype=h.dtype, device=h.device)
-    by_row = out.view(b * nkv, g, s, d)                      # the same memory, one kv head per row
+    # one segment holding the whole batch (the common case): its attention result is the
+    # output, with no [B, nh, s, D] staging buffer to copy it into
+    whole = len(segments) == 1 and segments[0][0].indices(b * nkv) == (0, b * nkv, 1)
+    out = None if whole else torch.empty(b, spec.num_heads, s, d, dtype=h.dtype, device=h.device)
     for rows, k_buf, v_buf in segments:
         k_buf[:, slot:t] = k_new[rows].to(k_buf.device, k_buf.dtype)
         v_buf[:, slot:t] = v_new[rows].to(v_buf.device, v_buf.dtype)
@@ -311,10 +305,13 @@ def attention_layer(spec: ModelSpec, w: Weights, h: torch.Tensor, segments, slot
             kb = k_buf.view(b1 - b0, nkv, -1, d)[:, :, :t]
             vb = v_buf.view(b1 - b0, nkv, -1, d)[:, :, :t]
             o = attend(q[b0:b1].to(dev), kb, vb, mask.batches(b0, b1, dev), scale)
-            out[b0:b1] = o.to(h.device, h.dtype)
+            if out is None:
+                out = o.to(h.device, h.dtype)
+            else:
+                out[b0:b1] = o.to(h.device, h.dtype)
         else:                                                # part of a sequence's heads: per row
             seq = torch.arange(start, stop, device=h.device) // nkv
             q_rows = q.reshape(b, nkv, g, s, d).reshape(b * nkv, g, s, d)[rows]
             o = attend(q_rows.to(dev), k_buf[:, None, :t], v_buf[:, None, :t], mask.rows(seq, dev), scale)
-            by_row[rows] = o.to(h.device, h.dtype)
+            out.view(b * nkv, g, s, d)[rows] = o.to(h.device, h.dtype)   # the same memory, one kv head per row
     return post(spec, w, h, out), k_new, v_new
