@@ -29,7 +29,7 @@ from flexgraph.exec.run import run_plan
 from flexgraph.graph.builder import Workload
 from flexgraph.hardware import detect_hardware
 from flexgraph.models.sampling import SamplingParams
-from flexgraph.plan.planner import Knobs, make_plan
+from flexgraph.plan.planner import Knobs, default_dtype, make_plan
 from flexgraph.plan.policy import Split, weight_placement
 from flexgraph.weights.resolve import materialize, resolve_model
 
@@ -60,7 +60,7 @@ class FlexModel:
                                    offload_dir=offload_dir).to_json()
         knobs = Knobs(gpu_batch_size=gpu_batch_size, num_gpu_batches=num_gpu_batches,
                       percent=tuple(percent) if percent is not None else None, schedule=schedule,
-                      dtype=dtype or ("float16" if hardware["device"] == "cuda" else "bfloat16"),
+                      dtype=dtype or default_dtype(hardware["device"]),
                       compress_weight=compress_weight, compress_cache=compress_cache,
                       cpu_cache_compute=cpu_cache_compute)
         store = materialize(ref, dtype=_dtype(knobs.dtype) if ref.dummy else None, progress=progress)

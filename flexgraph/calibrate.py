@@ -255,6 +255,68 @@ def calibrate(device: str, dtype: torch.dtype, offload_dir: str, has_gpu_tier: b
     return cal
 
 
+# ---- which dtype a CPU computes in --------------------------------------------------------------
+# One product of a decode-to-prefill size, timed in both dtypes.  bfloat16 halves every
+# byte moved, so it is the choice unless this CPU multiplies it much slower: with AMX it
+# ran ~5x faster than float32; on an AVX2-only CPU (no native bfloat16) 0.18x.
+DTYPE_PROBE = (256, 1024, 1024)         # M, K, N
+BF16_MIN_SPEED = 0.5                    # bfloat16 if at least this fraction of float32's rate
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str
+    rates: dict[str, float]             # dtype -> FLOP/s of the probe product
+
+    @property
+    def bf16_speed(self) -> float:
+        return self.rates["bfloat16"] / self.rates["float32"]
+
+    def note(self) -> str:
+        return (f"dtype {self.dtype}: bfloat16 matmuls run at {self.bf16_speed:.2f}x float32's rate on this CPU "
+                f"(bfloat16 when at least {BF16_MIN_SPEED}x; --dtype to choose)")
+
+
+def measure_cpu_dtype_rates() -> dict[str, float]:
+    m, k, n = DTYPE_PROBE
+    rates = {}
+    for name in ("float32", "bfloat16"):
+        dt = getattr(torch, name)
+        x, w = torch.randn(m, k, dtype=dt), torch.randn(n, k, dtype=dt)
+        rates[name] = 2.0 * m * k * n / _best_time(lambda: torch.nn.functional.linear(x, w), min_seconds=0.05)
+    return rates
+
+
+def choose_cpu_dtype(rates: dict[str, float]) -> DtypeChoice:
+    fast = rates["bfloat16"] >= BF16_MIN_SPEED * rates["float32"]
+    return DtypeChoice("bfloat16" if fast else "float32", rates)
+
+
+def cpu_dtype_choice(recalibrate: bool = False) -> DtypeChoice:
+    """The CPU's working dtype, from rates measured once per machine (cached beside the
+    calibration)."""
+    from flexgraph.weights.cache import cache_root
+    path = cache_root() / "calibration" / f"{machine_key('cpu')}-dtype.json"
+    rates = None
+    if not recalibrate:
+        try:
+            rates = {k: float(v) for k, v in json.loads(path.read_text())["rates"].items()}
+            if set(rates) != {"float32", "bfloat16"}:
+                rates = None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            rates = None
+    if rates is None:
+        rates = measure_cpu_dtype_rates()
+        try:
+            write_json_atomic(path, {"rates": rates, "probe": list(DTYPE_PROBE)})
+        except OSError as e:
+            log.warning("calibration_not_saved", path=str(path), error=str(e))
+        choice = choose_cpu_dtype(rates)
+        log.info("cpu_dtype_measured", dtype=choice.dtype, bf16_speed=round(choice.bf16_speed, 2))
+        return choice
+    return choose_cpu_dtype(rates)
+
+
 # ---- cache --------------------------------------------------------------------------------------
 def calibration_path(device: str, dtype: str, has_gpu_tier: bool) -> Path:
     from flexgraph.weights.cache import cache_root

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--compress-cache", action="store_true")
     pol.add_argument("--cpu-cache-compute", action="store_true")
     pol.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                     help="working dtype (default: bfloat16 on CPU, float16 on CUDA)")
+                     help="working dtype (default: float16 on CUDA; on a CPU bfloat16 where it multiplies "
+                          "bfloat16 at least half as fast as float32 (AMX, AVX512-BF16), else float32)")
     hw = p.add_argument_group("hardware (left out = detected)")
     hw.add_argument("--device", choices=("cpu", "cuda"), default=None)
     hw.add_argument("--gpu-mem", default=None, help="gpu tier size; on a CPU-only machine, simulates one")
@@ -169,7 +170,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if workload.prompt_len + workload.gen_len > ref.spec.max_position_embeddings:
         raise FlexgraphError(f"--prompt-len {workload.prompt_len} + --gen-len {workload.gen_len} exceed the "
                              f"model's {ref.spec.max_position_embeddings} positions; shorten them")
-    dtype = knobs.dtype or default_dtype(hardware.device)
+    dtype = knobs.dtype or default_dtype(hardware.device, recalibrate=args.recalibrate)
     compiled = args.compile == "on" or (args.compile == "auto" and should_compile(ref.spec, workload, dtype,
                                                                                   hardware.cpu_mem))
     hw = hardware.to_json()
@@ -178,7 +179,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         hw.setdefault("sources", {})["compile"] = f"{COMPILE_MEMORY} bytes of the cpu tier kept for torch.compile"
     cost_model = None
     if args.search == "cost":
-        cost_model = load_cost_model(ref.spec, hw, knobs.dtype, args.recalibrate, compiled,
+        cost_model = load_cost_model(ref.spec, hw, dtype, args.recalibrate, compiled,
                                      knobs.compress_weight, knobs.compress_cache)
     plan = make_plan(ref, workload, sampling, hw, knobs, cost_model)
     plan.compile = compiled

@@ -11,7 +11,7 @@ from flexgraph.graph.builder import COMPUTE, LOAD_CACHE, LOAD_WEIGHT, Workload, 
 from flexgraph.models.builtin import builtin_config
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.checker import check_path
-from flexgraph.plan.planner import EXEC_BYTES_PER_NODE, Knobs, capacities, choose_policy, plan_for_policy
+from flexgraph.plan.planner import EXEC_BYTES_PER_NODE, Knobs, capacities, choose_policy, default_dtype, plan_for_policy
 from flexgraph.plan.policy import Policy, Split, split_rows, weight_placement
 from flexgraph.plan.traversal import make_path
 
@@ -131,7 +131,7 @@ def test_auto_policy_fits_and_says_why():
     pol, _graph, checked, notes = choose_policy(TINY, wl, hw, Knobs())
     assert pol.gpu_batch_size == 32 and pol.num_gpu_batches == 2 and pol.schedule == "zigzag"
     assert pol.percent_args() == [0, 100, 0, 100, 0, 100]      # everything fits in RAM
-    assert pol.dtype == "bfloat16" and notes
+    assert pol.dtype == default_dtype("cpu") and notes       # the CPU's own choice (tests/test_dtype_choice.py)
 
 
 def test_auto_policy_moves_weights_to_disk_when_ram_is_short():

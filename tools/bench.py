@@ -15,7 +15,12 @@ before each run, see ``tools/cgroup_run.py``):
   resource bounds it;
 - the **cost model's estimate** for that plan, against the measurement.
 
-Scenarios (the issue's): ``a`` the bundled SmolLM2-135M in RAM (bfloat16); ``b``
+The dtype: flexgraph computes in what its planner picks for this CPU (bfloat16 where
+the CPU multiplies it at least half as fast as float32 — AMX — else float32); the peers
+run in that same dtype unless ``--peer-dtype`` asks for others too (``same,bfloat16``
+adds rows with the peers in bfloat16, as the issue's scenarios are written).
+
+Scenarios (the issue's): ``a`` the bundled SmolLM2-135M in RAM; ``b``
 OPT-1.3B dummy under 3 GiB; ``c`` OPT-6.7B dummy under 8 GiB; ``d`` Llama-3.1-8B dummy
 under 8 GiB.  (c) and (d) run prompt 128, generation 16 unless ``--full`` (at prompt 512
 each run takes hours here).  ``--compress`` adds flexgraph rows with 4-bit weights and
@@ -90,15 +95,18 @@ def _flexgraph_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "flexgraph.cli", "--log-format", "json", *args]
 
 
-def prepare_model(sc: Scenario) -> None:
-    """Write dummy weights and the peers' Hugging Face folder before any capped run
-    (neither is part of what is measured)."""
-    import torch
-
+def prepare_model(sc: Scenario) -> str:
+    """Write dummy weights (in the dtype flexgraph will plan for) and the peers' Hugging
+    Face folder before any capped run (neither is part of what is measured); returns
+    that dtype."""
+    from flexgraph.plan.planner import default_dtype
+    from flexgraph.plan.policy import DTYPES
     from flexgraph.weights.resolve import materialize, resolve_model
+    dtype = default_dtype("cpu")
     ref = resolve_model(sc.model, dummy=sc.dummy)
-    materialize(ref, dtype=torch.bfloat16 if sc.dummy else None, progress=True)
+    materialize(ref, dtype=DTYPES[dtype] if sc.dummy else None, progress=True)
     _tool("peers").hf_folder(sc.model, dtype="bfloat16", progress=True)
+    return dtype
 
 
 def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compress: bool,
@@ -154,15 +162,27 @@ def _last_error(stderr: bytes | None) -> str:
 
 
 def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None,
-             huge_pages: bool = False) -> Row:
+             huge_pages: bool = False, dtype: str = "bfloat16", system: str | None = None) -> Row:
+    """The best batch of the peer's sweep, computing in ``dtype`` (its weights are read
+    from the bfloat16 folder and converted as it loads them)."""
     peers = _tool("peers")
     model_dir = peers.hf_folder(sc.model, dtype="bfloat16", progress=False)
-    results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, timeout=timeout,
+    results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, dtype, timeout=timeout,
                           huge_pages=huge_pages,
                           on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
     top = peers.best(results)
-    return Row(sc.name, peer, top["throughput"] if top else None,
-               {"best_batch": top["batch"] if top else None, "sweep": results})
+    return Row(sc.name, system or peer, top["throughput"] if top else None,
+               {"best_batch": top["batch"] if top else None, "dtype": dtype, "sweep": results})
+
+
+def peer_dtypes(asked: str, planned: str) -> list[str]:
+    """The dtypes to run the peers in: ``same`` is the one flexgraph's plan computes in."""
+    out = []
+    for d in asked.split(","):
+        d = planned if d.strip() == "same" else d.strip()
+        if d not in out:
+            out.append(d)
+    return out
 
 
 def ratios(rows: list[Row]) -> dict[str, Any]:
@@ -190,7 +210,7 @@ def markdown(report: dict[str, Any]) -> str:
             d = r["detail"]
             if r["system"].startswith("flexgraph"):
                 pol = d.get("policy") or {}
-                note = (f"gbs {pol.get('gpu_batch_size')} x {pol.get('num_gpu_batches')}, "
+                note = (f"{pol.get('dtype')}, gbs {pol.get('gpu_batch_size')} x {pol.get('num_gpu_batches')}, "
                         f"{pol.get('schedule')}, % {pol.get('weights')}/{pol.get('cache')}; "
                         if pol else "") + (
                     f"estimate err {d['estimate_error']:+.0%}; " if d.get("estimate_error") is not None else "") + (
@@ -198,7 +218,7 @@ def markdown(report: dict[str, Any]) -> str:
                     f"bound by {d.get('roofline_bound')})" if d.get("of_roofline") else "") + (
                     f" FAILED: {d.get('reason')}" if not d.get("ok", True) else "")
             else:
-                note = f"best batch {d.get('best_batch')}"
+                note = f"{d.get('dtype', 'bfloat16')}, best batch {d.get('best_batch')}"
             lines.append(f"| {sc_name} | {r['system']} | {tp:.2f} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | {note} |" if tp is not None else
                          f"| {sc_name} | {r['system']} | — | | {note} |")
@@ -215,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the peers with flexgraph's allocator setting (THP_MEM_ALLOC_ENABLE=1) "
                          "instead of as shipped")
     ap.add_argument("--no-peers", action="store_true", help="skip the peers (flexgraph and roofline only)")
+    ap.add_argument("--peer-dtype", default="same",
+                    help="comma-separated dtypes to run the peers in: same (the one flexgraph's plan "
+                         "computes in), bfloat16, float32; a row per dtype (e.g. same,bfloat16)")
     ap.add_argument("--num-prompts", type=int, default=None, help="override the scenarios' prompt counts")
     ap.add_argument("--full", action="store_true",
                     help="run (c) and (d) on the full workload too (by default they use prompt 128, gen 16)")
@@ -242,13 +265,16 @@ def main(argv: list[str] | None = None) -> int:
             prompt_len, gen_len = sc.short if sc.short and not args.full else (args.prompt_len, args.gen_len)
             print(f"== scenario {name}: {sc.note}, prompt {prompt_len}, gen {gen_len}, cap {sc.cap}",
                   file=sys.stderr)
-            prepare_model(sc)
+            planned = prepare_model(sc)
             rows = [run_flexgraph(sc, prompt_len, gen_len, work, False, args.timeout)]
+            planned = (rows[0].detail.get("policy") or {}).get("dtype", planned)
             if args.compress and sc.dummy:
                 rows.append(run_flexgraph(sc, prompt_len, gen_len, work, True, args.timeout))
             if not args.no_peers:
-                rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout, args.peer_huge_pages)
-                         for peer in sc.peers]
+                dtypes = peer_dtypes(args.peer_dtype, planned)
+                rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout, args.peer_huge_pages, d,
+                                  peer if d == planned else f"{peer} ({d})")
+                         for peer in sc.peers for d in dtypes]
             report["scenarios"][name] = {"note": sc.note, "cap": sc.cap, "model": sc.model,
                                          "workload": {"prompt_len": prompt_len, "gen_len": gen_len},
                                          "rows": [r.__dict__ for r in rows], "ratios": ratios(rows)}

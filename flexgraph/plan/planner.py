@@ -64,9 +64,24 @@ def capacities(hardware: dict) -> dict[str, int | None]:
     return {"gpu": hardware.get("gpu_mem"), "cpu": hardware.get("cpu_mem"), "disk": hardware.get("disk_mem")}
 
 
-def default_dtype(device: str) -> str:
-    # bfloat16 matmuls are several times faster than float32 on AMX CPUs; float16 on CUDA
-    return "float16" if device == "cuda" else "bfloat16"
+def default_dtype(device: str, recalibrate: bool = False) -> str:
+    """float16 on CUDA; on a CPU whichever of bfloat16 and float32 it multiplies well
+    (measured once per machine: bfloat16 ran ~5x faster than float32 with AMX, 0.18x
+    on a CPU without native bfloat16)."""
+    if device == "cuda":
+        return "float16"
+    from flexgraph.calibrate import cpu_dtype_choice
+    return cpu_dtype_choice(recalibrate).dtype
+
+
+def dtype_notes(knobs: Knobs, device: str) -> list[str]:
+    """Why the plan computes in its dtype, when the user left it out (``chosen.notes``)."""
+    if knobs.dtype is not None:
+        return []
+    if device == "cuda":
+        return ["dtype float16 (the CUDA default; --dtype to choose)"]
+    from flexgraph.calibrate import cpu_dtype_choice
+    return [cpu_dtype_choice().note()]
 
 
 def flag_notes(knobs: Knobs, has_gpu: bool) -> list[str]:
@@ -250,7 +265,7 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
     has_gpu = hardware.get("gpu_mem") is not None
     sz = make_sizes(spec, policy, has_gpu)
     placement = policy_weight_placement(spec, policy)
-    notes = notes + flag_notes(knobs, has_gpu)
+    notes = notes + flag_notes(knobs, has_gpu) + dtype_notes(knobs, hardware.get("device", "cpu"))
     estimate = {}
     if cost_model is not None:
         estimate = plan_estimate(graph, checked, cost_model, workload, policy)

@@ -28,7 +28,7 @@ from flexgraph.log import get_logger
 from flexgraph.models.spec import ATTN, ModelSpec
 from flexgraph.plan.cost import CostModel, Estimate, simulate
 from flexgraph.plan.policy import TIERS, Policy, Split, placed_weight_bytes
-from flexgraph.plan.planner import Knobs, capacities, plan_for_policy, policy_flags, working_set
+from flexgraph.plan.planner import Knobs, capacities, default_dtype, plan_for_policy, policy_flags, working_set
 
 log = get_logger(__name__)
 MAX_GPU_BATCH = 1024
@@ -201,7 +201,7 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
     """Candidates best first; the first is the choice.  Raises PlanError if none fits."""
     cap = capacities(hardware)
     has_gpu = cap["gpu"] is not None
-    dtype = knobs.dtype or ("float16" if hardware.get("device") == "cuda" else "bfloat16")
+    dtype = knobs.dtype or default_dtype(hardware.get("device", "cpu"))
     off = Split(0, 100) if has_gpu else Split(0, 0)
     ranked: list[tuple[float, Policy]] = []
     for gbs, ngb in batch_shapes(workload, knobs):
