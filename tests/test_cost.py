@@ -145,6 +145,22 @@ def test_search_fits_where_whole_layer_placement_overshoots_the_lp():
         assert checked.peak["cpu"] <= cap["cpu"]
 
 
+def test_beyond_the_largest_timed_layer_the_time_per_sequence_is_the_measured_one():
+    # corrections timed up to 8192 tokens (16 x 512); a 256 x 512 prefill costs 16x the
+    # 16-sequence one, whatever faster rate the matmul table has at larger M
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    model = with_matmul(calibration(), spec)
+    model.corrections = {"mlp": [[16, 2.0], [8192, 1.5]], "attn": [[16, 2.0], [8192, 1.1]]}
+    for j in (1, 2):
+        ref = model.compute_time(j, 16, 512, 512)
+        assert model.compute_time(j, 256, 512, 512) == pytest.approx(16 * ref)
+        # the analytic time alone would have made it cheaper per sequence (M 131k reads 6e11 FLOP/s)
+        assert model.analytic_time(j, 256, 512, 512) < 16 * model.analytic_time(j, 16, 512, 512)
+    # within the timed range, the interpolated correction as before
+    assert model.compute_time(2, 8, 512, 512) == pytest.approx(
+        model.analytic_time(2, 8, 512, 512) * _interp(model.corrections["mlp"], 4096))
+
+
 def test_decoding_4bit_weights_and_cache_is_charged_to_each_compute():
     spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
     cal = calibration()

@@ -73,7 +73,7 @@ class Scenario:
 
 SCENARIOS = {
     "a": Scenario("a", "smollm2-135m", False, "16GiB", ("transformers",), (32, 64, 128, 256), 256,
-                  "bundled model in RAM, bfloat16"),
+                  "bundled model in RAM"),
     "b": Scenario("b", "opt-1.3b", True, "3GiB", ("accelerate",), (1, 4, 8, 16), 32,
                   "OPT-1.3B dummy under a 3 GiB cap"),
     "c": Scenario("c", "opt-6.7b", True, "8GiB", ("accelerate",), (1, 4, 16), 16,

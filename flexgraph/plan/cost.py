@@ -154,10 +154,19 @@ class CostModel:
         got = self._compute_cache.get(key)
         if got is not None:
             return got
-        t = self.analytic_time(j, batch, new, context)
         table = self.corrections.get(kind)
-        if table:
-            t *= _interp(table, batch * new)
+        largest = int(table[-1][0]) if table else 0
+        if batch > 1 and largest and batch * new > largest:
+            # Beyond the largest point a layer was timed at, its measured time per sequence
+            # (a layer's work is linear in the batch): the matmul table's rates at sizes no
+            # layer was timed at are noisy (one shape read 89 GFLOP/s at M 1024 and 133 at
+            # 16384 here), and extrapolating through them put a 131k-token prefill 28% fast.
+            ref = max(1, largest // new)
+            t = self.analytic_time(j, ref, new, context) * _interp(table, ref * new) * batch / ref
+        else:
+            t = self.analytic_time(j, batch, new, context)
+            if table:
+                t *= _interp(table, batch * new)
         t += self.decode_time(j, batch, new, context)
         self._compute_cache[key] = t
         return t
