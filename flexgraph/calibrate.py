@@ -21,7 +21,9 @@ What is measured (for one working dtype and device):
   large decode batch, a prefill of 8k and of 32k tokens) with its weights and cache
   streamed from memory; the ratio to the analytic time corrects the cost model
   (element-wise chains and memory-bound products are not what FLOP/s predict);
-- **4-bit decoding** (:func:`measure_dequant`), when a plan compresses weights or cache.
+- **4-bit decoding** (:func:`measure_dequant`), when a plan compresses weights or cache;
+- **what disk reads cost the compute** on a CPU (:func:`measure_io_cpu`): the compute
+  seconds lost per byte read meanwhile.
 
 The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine key is
 the CPU model, core count, RAM, device and torch version.  ``--recalibrate`` redoes it.
@@ -38,6 +40,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -50,7 +53,7 @@ from flexgraph.fileio import write_json_atomic
 from flexgraph.log import get_logger
 
 log = get_logger(__name__)
-VERSION = 3
+VERSION = 4
 M_POINTS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 MAX_KN = 4096
 
@@ -114,6 +117,7 @@ class Calibration:
     dequant: float = 0.0            # dense bytes/s out of 4-bit group-wise decoding (0: not measured)
     dequant_cache: float = 0.0      # the same for a KV cache's layout (groups along the head dim)
     quant_cache: float = 0.0        # dense bytes/s into a KV cache's 4-bit layout (encoding)
+    io_cpu: float = 0.0             # compute seconds lost per byte read from disk meanwhile (CPU device)
     measured_at: str = ""
 
     def to_json(self) -> dict:
@@ -220,6 +224,70 @@ def measure_disk(folder: Path, nbytes: int = 256 << 20) -> tuple[float, float]:
         path.unlink(missing_ok=True)
 
 
+IO_PROBE_SECONDS = 1.5
+IO_PROBE_ROUNDS = 3
+
+
+def measure_io_cpu(folder: Path, dtype: torch.dtype, nbytes: int = 256 << 20) -> float:
+    """Compute seconds lost per byte read from disk at the same time, on the CPU.
+
+    Reading from disk costs CPU (on this 2-core VM a decode-sized product ran at 0.44x
+    its rate while the pool read at full speed, and the reads at 0.55x theirs), so a
+    CPU run that overlaps loads with compute does not get both for free.  Timed as a
+    product's rate alone and while the executor's pool reads a cold file in a loop:
+    (compute lost) / (bytes read).
+    """
+    import threading
+
+    from flexgraph.exec.diskio import DiskIO, aligned_empty
+    folder.mkdir(parents=True, exist_ok=True)
+    io = DiskIO()
+    x, w = torch.randn(32, 2048, dtype=dtype), torch.randn(8192, 2048, dtype=dtype)
+    buf = aligned_empty((nbytes,), torch.uint8)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix="calibrate-", delete=False) as f:
+        path = Path(f.name)
+    stop, read = threading.Event(), [0]
+
+    def rate() -> float:          # products per second for IO_PROBE_SECONDS
+        torch.nn.functional.linear(x, w)
+        start, n = time.perf_counter(), 0
+        while time.perf_counter() - start < IO_PROBE_SECONDS:
+            torch.nn.functional.linear(x, w)
+            n += 1
+        return n / (time.perf_counter() - start)
+
+    def reader() -> None:
+        fd = io.fd(path)
+        while not stop.is_set():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            io.read_into(path, 0, buf)
+            read[0] += nbytes
+
+    def one_round() -> float:
+        alone = rate()
+        stop.clear()
+        read[0] = 0
+        thread = threading.Thread(target=reader, name="flexgraph-calibrate-io")
+        thread.start()
+        try:
+            start = time.perf_counter()
+            shared = rate()
+            elapsed = time.perf_counter() - start
+        finally:
+            stop.set()
+            thread.join()
+        lost = max(0.0, 1.0 - shared / alone) * elapsed
+        return lost / read[0] if read[0] else 0.0
+
+    try:
+        io.write_from(path, 0, buf)
+        os.fsync(io.fd(path))
+        return statistics.median(one_round() for _ in range(IO_PROBE_ROUNDS))   # one round in four read 2x
+    finally:
+        io.close()
+        path.unlink(missing_ok=True)
+
+
 def measure_node_overhead() -> float:
     from flexgraph.exec.lanes import Lane
     lane = Lane("calibrate")
@@ -252,6 +320,8 @@ def calibrate(device: str, dtype: torch.dtype, offload_dir: str, has_gpu_tier: b
         cal.bandwidth["gpu->disk"] = 1 / (1 / write + 1 / cal.bandwidth["gpu->cpu"]) if device == "cuda" else write
     cal.attention = measure_attention(dtype, dev)
     cal.node_overhead = measure_node_overhead()
+    if device == "cpu":
+        cal.io_cpu = measure_io_cpu(Path(offload_dir), dtype)
     return cal
 
 

@@ -90,6 +90,37 @@ def test_loads_of_weights_and_cache_share_the_disk():
     assert est.block_seconds >= roof.resources["disk"]
 
 
+def test_disk_reads_take_cpu_from_the_compute():
+    # 0.5 s of compute lost per GB read: the compute lane and the roofline's compute
+    # grow by exactly that for every disk byte; with no such cost, nothing changes
+    graph, checked, model = slow_disk_plan(1e9, Split(0, 0))
+    before_est, before_roof = simulate(graph, checked, model), roofline(graph, checked, model)
+    disk_bytes = sum(n for node in checked.path for src, dst, n in graph.nodes[node]["moves"]
+                     if "disk" in (src, dst))
+    assert disk_bytes > 0
+    model.cal.io_cpu = 0.5 / GB
+    est, roof = simulate(graph, checked, model), roofline(graph, checked, model)
+    assert roof.resources["compute"] == pytest.approx(before_roof.resources["compute"] + disk_bytes * 0.5 / GB)
+    charged = est.lane_busy["compute"] - before_est.lane_busy["compute"]
+    tail = sum(model.io_cpu_time(graph.nodes[n]) for n in checked.path[checked.path.index(
+        [n for n in checked.path if graph.nodes[n]["kind"] == "compute"][-1]):])   # stores after the last compute
+    assert charged == pytest.approx(disk_bytes * 0.5 / GB - tail)
+    assert est.block_seconds > before_est.block_seconds
+    model.cal.device = "cuda"                      # a GPU's compute does not pay for host reads
+    assert model.io_cpu_time(graph.nodes[checked.path[0]]) == 0.0
+
+
+def test_io_cpu_is_measured_and_leaves_no_file(tmp_path, monkeypatch):
+    import torch
+
+    import flexgraph.calibrate as C
+    monkeypatch.setattr(C, "IO_PROBE_SECONDS", 0.2)
+    monkeypatch.setattr(C, "IO_PROBE_ROUNDS", 1)
+    cost = C.measure_io_cpu(tmp_path, torch.float32, nbytes=8 << 20)
+    assert 0.0 <= cost < 1e-6                  # seconds per byte: under 1000 s per GB
+    assert not list(tmp_path.iterdir())        # its probe file is removed
+
+
 def test_search_keeps_everything_in_ram_when_it_fits():
     spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
     model = with_matmul(calibration(), spec)

@@ -225,6 +225,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _batch_list(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of batch sizes; write e.g. 32,64,128")
+    return batches
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scenario", default="a,b,c,d", help="comma-separated: a, b, c, d")
@@ -239,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated dtypes to run the peers in: same (the one flexgraph's plan "
                          "computes in), bfloat16, float32; a row per dtype (e.g. same,bfloat16)")
     ap.add_argument("--num-prompts", type=int, default=None, help="override the scenarios' prompt counts")
+    ap.add_argument("--peer-batches", type=_batch_list, default=None,
+                    help="comma-separated batch sizes for the peers' sweep (default: each scenario's)")
     ap.add_argument("--full", action="store_true",
                     help="run (c) and (d) on the full workload too (by default they use prompt 128, gen 16)")
     ap.add_argument("--timeout", type=float, default=3600, help="per run, seconds")
@@ -262,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
             sc = SCENARIOS[name]
             if args.num_prompts:
                 sc = Scenario(**{**sc.__dict__, "num_prompts": args.num_prompts})
+            if args.peer_batches:
+                sc = Scenario(**{**sc.__dict__, "peer_batches": args.peer_batches})
             prompt_len, gen_len = sc.short if sc.short and not args.full else (args.prompt_len, args.gen_len)
             print(f"== scenario {name}: {sc.note}, prompt {prompt_len}, gen {gen_len}, cap {sc.cap}",
                   file=sys.stderr)
