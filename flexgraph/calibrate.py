@@ -282,7 +282,7 @@ def measure_io_cpu(folder: Path, dtype: torch.dtype, nbytes: int = 256 << 20) ->
     try:
         io.write_from(path, 0, buf)
         os.fsync(io.fd(path))
-        return statistics.median(one_round() for _ in range(IO_PROBE_ROUNDS))   # one round in four read 2x
+        return statistics.median(one_round() for _ in range(IO_PROBE_ROUNDS))   # rounds vary (one in four read 2x)
     finally:
         io.close()
         path.unlink(missing_ok=True)
@@ -328,7 +328,7 @@ def calibrate(device: str, dtype: torch.dtype, offload_dir: str, has_gpu_tier: b
 # ---- which dtype a CPU computes in --------------------------------------------------------------
 # One product of a decode-to-prefill size, timed in both dtypes.  bfloat16 halves every
 # byte moved, so it is the choice unless this CPU multiplies it much slower: with AMX it
-# ran ~5x faster than float32; on an AVX2-only CPU (no native bfloat16) 0.18x.
+# ran ~5x faster than float32; on an AVX2-only CPU (no native bfloat16) 0.14-0.16x.
 DTYPE_PROBE = (256, 1024, 1024)         # M, K, N
 BF16_MIN_SPEED = 0.5                    # bfloat16 if at least this fraction of float32's rate
 

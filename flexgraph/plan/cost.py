@@ -158,9 +158,10 @@ class CostModel:
         largest = int(table[-1][0]) if table else 0
         if batch > 1 and largest and batch * new > largest:
             # Beyond the largest point a layer was timed at, its measured time per sequence
-            # (a layer's work is linear in the batch): the matmul table's rates at sizes no
-            # layer was timed at are noisy (one shape read 89 GFLOP/s at M 1024 and 133 at
-            # 16384 here), and extrapolating through them put a 131k-token prefill 28% fast.
+            # (a layer's work is linear in the batch; runs of SmolLM2 prefill had the same
+            # per-token rate at 32, 128 and 256 sequences): the matmul table's rates at sizes
+            # no layer was timed at are noisy (one shape read 89 GFLOP/s at M 1024 and 133
+            # at 16384 here) and made 256 sequences cheaper per sequence than 16.
             ref = max(1, largest // new)
             t = self.analytic_time(j, ref, new, context) * _interp(table, ref * new) * batch / ref
         else:

@@ -66,8 +66,8 @@ def capacities(hardware: dict) -> dict[str, int | None]:
 
 def default_dtype(device: str, recalibrate: bool = False) -> str:
     """float16 on CUDA; on a CPU whichever of bfloat16 and float32 it multiplies well
-    (measured once per machine: bfloat16 ran ~5x faster than float32 with AMX, 0.18x
-    on a CPU without native bfloat16)."""
+    (measured once per machine: bfloat16 ran ~5x faster than float32 with AMX,
+    0.14-0.16x on a CPU without native bfloat16)."""
     if device == "cuda":
         return "float16"
     from flexgraph.calibrate import cpu_dtype_choice
