@@ -43,6 +43,7 @@ import platform
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -198,15 +199,26 @@ def measure_copy(src: torch.Tensor, dst: torch.Tensor) -> float:
     return src.numel() * src.element_size() / _best_time(run)
 
 
-def measure_disk(folder: Path, nbytes: int = 256 << 20) -> tuple[float, float]:
-    """(read, write) bytes/s of the executor's disk pool on ``folder``, reads cold."""
+@contextmanager
+def _probe_file(folder: Path):
+    """``(pool, path)``: the executor's disk pool and a fresh file in ``folder``, both
+    closed and removed afterwards."""
     from flexgraph.exec.diskio import DiskIO
     folder.mkdir(parents=True, exist_ok=True)
-    io = DiskIO()
-    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
     with tempfile.NamedTemporaryFile(dir=folder, prefix="calibrate-", delete=False) as f:
         path = Path(f.name)
+    io = DiskIO()
     try:
+        yield io, path
+    finally:
+        io.close()
+        path.unlink(missing_ok=True)
+
+
+def measure_disk(folder: Path, nbytes: int = 256 << 20) -> tuple[float, float]:
+    """(read, write) bytes/s of the executor's disk pool on ``folder``, reads cold."""
+    buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    with _probe_file(folder) as (io, path):
         start = time.perf_counter()
         io.write_from(path, 0, buf)
         fd = io.fd(path)
@@ -219,9 +231,6 @@ def measure_disk(folder: Path, nbytes: int = 256 << 20) -> tuple[float, float]:
             io.read_into(path, 0, buf)
             best = max(best, nbytes / (time.perf_counter() - start))
         return best, write
-    finally:
-        io.close()
-        path.unlink(missing_ok=True)
 
 
 IO_PROBE_SECONDS = 1.5
@@ -239,13 +248,9 @@ def measure_io_cpu(folder: Path, dtype: torch.dtype, nbytes: int = 256 << 20) ->
     """
     import threading
 
-    from flexgraph.exec.diskio import DiskIO, aligned_empty
-    folder.mkdir(parents=True, exist_ok=True)
-    io = DiskIO()
+    from flexgraph.exec.diskio import aligned_empty
     x, w = torch.randn(32, 2048, dtype=dtype), torch.randn(8192, 2048, dtype=dtype)
     buf = aligned_empty((nbytes,), torch.uint8)
-    with tempfile.NamedTemporaryFile(dir=folder, prefix="calibrate-", delete=False) as f:
-        path = Path(f.name)
     stop, read = threading.Event(), [0]
 
     def rate() -> float:          # products per second for IO_PROBE_SECONDS
@@ -256,18 +261,18 @@ def measure_io_cpu(folder: Path, dtype: torch.dtype, nbytes: int = 256 << 20) ->
             n += 1
         return n / (time.perf_counter() - start)
 
-    def reader() -> None:
+    def reader(io, path: Path) -> None:
         fd = io.fd(path)
         while not stop.is_set():
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             io.read_into(path, 0, buf)
             read[0] += nbytes
 
-    def one_round() -> float:
+    def one_round(io, path: Path) -> float:
         alone = rate()
         stop.clear()
         read[0] = 0
-        thread = threading.Thread(target=reader, name="flexgraph-calibrate-io")
+        thread = threading.Thread(target=reader, args=(io, path), name="flexgraph-calibrate-io")
         thread.start()
         try:
             start = time.perf_counter()
@@ -279,13 +284,10 @@ def measure_io_cpu(folder: Path, dtype: torch.dtype, nbytes: int = 256 << 20) ->
         lost = max(0.0, 1.0 - shared / alone) * elapsed
         return lost / read[0] if read[0] else 0.0
 
-    try:
+    with _probe_file(folder) as (io, path):
         io.write_from(path, 0, buf)
         os.fsync(io.fd(path))
-        return statistics.median(one_round() for _ in range(IO_PROBE_ROUNDS))   # rounds vary (one in four read 2x)
-    finally:
-        io.close()
-        path.unlink(missing_ok=True)
+        return statistics.median(one_round(io, path) for _ in range(IO_PROBE_ROUNDS))  # one round in 4 read 2x
 
 
 def measure_node_overhead() -> float:
@@ -371,20 +373,18 @@ def cpu_dtype_choice(recalibrate: bool = False) -> DtypeChoice:
     if not recalibrate:
         try:
             rates = {k: float(v) for k, v in json.loads(path.read_text())["rates"].items()}
-            if set(rates) != {"float32", "bfloat16"}:
-                rates = None
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
-            rates = None
-    if rates is None:
-        rates = measure_cpu_dtype_rates()
-        try:
-            write_json_atomic(path, {"rates": rates, "probe": list(DTYPE_PROBE)})
-        except OSError as e:
-            log.warning("calibration_not_saved", path=str(path), error=str(e))
-        choice = choose_cpu_dtype(rates)
-        log.info("cpu_dtype_measured", dtype=choice.dtype, bf16_speed=round(choice.bf16_speed, 2))
-        return choice
-    return choose_cpu_dtype(rates)
+            pass
+    if rates is not None and set(rates) == {"float32", "bfloat16"}:
+        return choose_cpu_dtype(rates)
+    rates = measure_cpu_dtype_rates()
+    try:
+        write_json_atomic(path, {"rates": rates, "probe": list(DTYPE_PROBE)})
+    except OSError as e:
+        log.warning("calibration_not_saved", path=str(path), error=str(e))
+    choice = choose_cpu_dtype(rates)
+    log.info("cpu_dtype_measured", dtype=choice.dtype, bf16_speed=round(choice.bf16_speed, 2))
+    return choice
 
 
 # ---- cache --------------------------------------------------------------------------------------
