@@ -11,7 +11,8 @@ from flexgraph.graph.builder import COMPUTE, LOAD_CACHE, LOAD_WEIGHT, Workload, 
 from flexgraph.models.builtin import builtin_config
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.checker import check_path
-from flexgraph.plan.planner import EXEC_BYTES_PER_NODE, Knobs, capacities, choose_policy, default_dtype, plan_for_policy
+from flexgraph.plan.planner import (EXEC_BYTES_PER_NODE, Knobs, capacities, choose_policy, default_dtype, plan_for_policy,
+                                    working_set)
 from flexgraph.plan.policy import Policy, Split, split_rows, weight_placement
 from flexgraph.plan.traversal import make_path
 
@@ -146,6 +147,22 @@ def test_auto_policy_moves_weights_to_disk_when_ram_is_short():
                   pol.activations, pol.schedule, pol.dtype)
     with pytest.raises(RuleViolation):
         plan_for_policy(spec, wl, more, False, capacities(hw))
+
+
+@pytest.mark.parametrize("gbs,ngb,schedule", [(4, 4, "zigzag"), (8, 1, "row")])
+def test_working_set_of_a_two_block_copy_is_the_full_models(gbs, ngb, schedule):
+    """The search sizes placements from a two-block copy: what it predicts above the homes
+    must be what checking the whole model finds, the executor's per-node bookkeeping (which
+    grows with the path) included — it once missed that, and the best finalists of OPT-1.3B
+    under a 3 GiB cap failed the full check by ~3%."""
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    wl = Workload(gbs * ngb, 32, 4)
+    pol = Policy(gbs, ngb, Split(0, 50), Split(0, 0), Split(0, 100), schedule=schedule, dtype="bfloat16")
+    _g, full = plan_for_policy(spec, wl, pol, False, {"gpu": None, "cpu": 1 << 62, "disk": 1 << 62})
+    predicted = working_set(spec, wl, pol, False)
+    assert full.bookkeeping == EXEC_BYTES_PER_NODE * len(full.path)
+    for t in ("cpu", "disk"):
+        assert predicted[t] == full.peak[t] - full.home_bytes[t], t
 
 
 def test_auto_policy_impossible_is_one_line():

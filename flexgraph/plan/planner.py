@@ -31,7 +31,7 @@ import networkx as nx
 from flexgraph.errors import PlanError, RuleViolation
 from flexgraph.graph.builder import Workload, build_graph, make_sizes, static_homes
 from flexgraph.models.sampling import SamplingParams
-from flexgraph.models.spec import ModelSpec
+from flexgraph.models.spec import ATTN, MLP, ModelSpec
 from flexgraph.plan.checker import CheckedPath, check_path
 from flexgraph.plan.planfile import Plan
 from flexgraph.plan.policy import TIERS, Policy, Split, policy_weight_placement
@@ -42,6 +42,7 @@ MAX_FULL_CHECKS = 8
 # The executor's own host memory per path node: the rebuilt graph, the checked path and
 # its per-node dispatch state (measured: ~3.5 KB for graph and path, ~1.5 KB to run).
 EXEC_BYTES_PER_NODE = 6 << 10
+BLOCK_KINDS = (ATTN, MLP)          # the layers a block repeats (embedding and head come once)
 MAX_EXACT_WORKING_SETS = 40
 
 
@@ -157,11 +158,17 @@ def working_set(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bo
     workspace — measured by checking the same policy on a two-block copy of the model.
 
     Every block of a model has the same shape and a path only ever holds a window of
-    adjacent layers, so the working set of the full model is that of the small copy.
+    adjacent layers, so the working set of the full model is that of the small copy —
+    except the executor's bookkeeping, which grows with the path: that is counted for the
+    full model's path (the small one's nodes plus a block's nodes per missing block).
     """
     small = replace(spec, num_blocks=min(spec.num_blocks, 2))
     _graph, checked = plan_for_policy(small, workload, policy, has_gpu, dict.fromkeys(TIERS, 1 << 62), prefetch)
-    return {t: checked.peak[t] - checked.home_bytes[t] for t in TIERS}
+    work = {t: checked.peak[t] - checked.home_bytes[t] for t in TIERS}
+    block_nodes = sum(small.layer(j).kind in BLOCK_KINDS for _kind, _i, j, _k in checked.path) // small.num_blocks
+    missing = (spec.num_blocks - small.num_blocks) * block_nodes
+    work["cpu"] += EXEC_BYTES_PER_NODE * missing
+    return work
 
 
 def plan_for_policy(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool,
