@@ -54,7 +54,7 @@ from flexgraph.fileio import write_json_atomic
 from flexgraph.log import get_logger
 
 log = get_logger(__name__)
-VERSION = 4
+VERSION = 5          # bump when what is measured changes (5: the KV cache decodes unfused)
 M_POINTS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 MAX_KN = 4096
 

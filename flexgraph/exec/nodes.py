@@ -400,23 +400,21 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
             src, seq_major = (rows.k, rows.v), rows.seq_major
         dense = []
         for q in src:
-            buf = st.tiers.empty(at, (seg.size, total, st.spec.head_dim), st.dtype)
+            # decoded in the layout it is stored in (a strided output halves the decode
+            # rate); attention reads a seq-major buffer through a [r, T, D] view
+            d = st.spec.head_dim
+            buf = st.tiers.empty(at, (total, seg.size, d) if seq_major else (seg.size, total, d), st.dtype)
+            tok = 0 if seq_major else 1                  # the token dim of buf and q
             if slot:
-                if seq_major:
-                    dequantize_into(q.narrow(0, 0, slot), buf[:, :slot].transpose(0, 1))
-                else:
-                    dequantize_into(q.narrow(1, 0, slot), buf[:, :slot])
-            dense.append(buf)
-            encode.append((buf, q, seq_major))
+                dequantize_into(q.narrow(tok, 0, slot), buf.narrow(tok, 0, slot))
+            dense.append(buf.transpose(0, 1) if seq_major else buf)
+            encode.append((buf, q, tok))
         segs.append((seg.rows, dense[0], dense[1]))
 
     def finish() -> None:
         # this step's entries were used in full precision (as FlexGen does); now into their slots
-        for buf, q, seq_major in encode:
-            if seq_major:
-                quantize_into(buf[:, slot:total].transpose(0, 1), q.narrow(0, slot, new))
-            else:
-                quantize_into(buf[:, slot:total], q.narrow(1, slot, new))
+        for buf, q, tok in encode:
+            quantize_into(buf.narrow(tok, slot, new), q.narrow(tok, slot, new))
 
     return segs, finish
 
