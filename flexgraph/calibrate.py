@@ -215,6 +215,9 @@ def _probe_file(folder: Path):
         path.unlink(missing_ok=True)
 
 
+DISK_READ_ROUNDS = 3
+
+
 def measure_disk(folder: Path, nbytes: int = 256 << 20) -> tuple[float, float]:
     """(read, write) bytes/s of the executor's disk pool on ``folder``, reads cold."""
     buf = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
@@ -235,7 +238,6 @@ def measure_disk(folder: Path, nbytes: int = 256 << 20) -> tuple[float, float]:
         return statistics.median(rates), write
 
 
-DISK_READ_ROUNDS = 3
 IO_PROBE_SECONDS = 1.5
 IO_PROBE_ROUNDS = 3
 
