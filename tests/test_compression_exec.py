@@ -317,6 +317,25 @@ def test_decoding_is_in_the_compute_workspace():
     assert ws(gw, attn) and ws(gc, mlp) == ws(g0, mlp)
 
 
+def test_a_compute_decodes_every_weight_into_one_reused_buffer():
+    """The layer maths reads a weight, uses it in one product, then reads the next; the
+    decoded weights share one buffer (a fresh one per matrix costs page faults), holding
+    exactly what decoding each alone gives."""
+    from flexgraph.compress.quant import dequantize, quantize
+    from flexgraph.exec.nodes import _Decoded
+    torch.manual_seed(0)
+    big, small = torch.randn(256, 128), torch.randn(128, 64)
+    w = _Decoded({"big": quantize(big, WEIGHT_GROUP_DIM), "small": quantize(small, WEIGHT_GROUP_DIM),
+                  "bias": torch.ones(3)})
+    a = w["big"]
+    assert torch.equal(a, dequantize(quantize(big, WEIGHT_GROUP_DIM)))
+    first = a.data_ptr()
+    b = w["small"]
+    assert b.data_ptr() == first                                   # smaller: the same storage
+    assert torch.equal(b, dequantize(quantize(small, WEIGHT_GROUP_DIM)))
+    assert torch.equal(w["bias"], torch.ones(3))                   # dense weights pass through
+
+
 def test_cpu_cache_compute_moves_queries_not_cache():
     _p, g0, _ = _graph()
     _p, g1, c1 = _graph(cpu_cache_compute=True)

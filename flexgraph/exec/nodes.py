@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize, dequantize_into, dequantize_rows,
+from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize_into, dequantize_rows,
                                       qtensor_from_bytes, quantize_into)
 from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
 from flexgraph.models import layers as L
@@ -311,17 +311,30 @@ def _layer_weights(st: RunState, i: int, j: int, k: int, keys: dict) -> dict[str
 
 class _Decoded(Mapping):
     """Weights by role for the layer maths; a compressed one is decoded when the maths
-    reads it — right before its product — into a fresh dense tensor that dies with that
-    product, so at most one decoded matrix is alive at a time (the workspace bound of
-    :func:`flexgraph.graph.builder.weight_decode_bytes`)."""
-    __slots__ = ("_w",)
+    reads it — right before its product — so at most one decoded matrix is alive at a
+    time (the workspace bound of :func:`flexgraph.graph.builder.weight_decode_bytes`).
+
+    Every matrix one compute decodes goes into the same buffer, sized for the largest:
+    a fresh tensor per matrix is a fresh mapping the OS faults in page by page (a
+    16384x4096 bfloat16 weight decoded at 0.84 GB/s into a new tensor, 1.29 into a reused
+    one, on a busy 2-core Xeon).  So a decoded weight is valid until the next is asked
+    for: the layer maths uses each in one product before reading the next.
+    """
+    __slots__ = ("_w", "_space")
 
     def __init__(self, w: dict):
         self._w = w
+        self._space: torch.Tensor | None = None
 
     def __getitem__(self, role: str) -> torch.Tensor:
         t = self._w[role]
-        return dequantize(t) if isinstance(t, QTensor) else t
+        if not isinstance(t, QTensor):
+            return t
+        space = self._space
+        if space is None or space.numel() < t.numel or space.dtype != t.dtype or space.device != t.device:
+            self._space = space = None                  # the old one goes before the new one comes
+            self._space = space = torch.empty(t.numel, dtype=t.dtype, device=t.device)
+        return dequantize_into(t, space[:t.numel].view(t.shape))
 
     def __contains__(self, role) -> bool:
         return role in self._w
