@@ -403,7 +403,8 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
     step = st.step(i, k)
     slot, new = step.slot, step.new
     total = slot + new
-    encode = []                                          # (dense [r, T, D], compressed, seq-major)
+    d = st.spec.head_dim
+    encode = []                                          # (dense in the stored layout, compressed, token dim)
     for seg in home.segments:
         at = st.attn_tier(seg.tier, i)
         if at == seg.tier:
@@ -411,13 +412,12 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
         else:
             rows = working[seg.tier]
             src, seq_major = (rows.k, rows.v), rows.seq_major
+        # decoded in the layout it is stored in (a strided output halves the decode rate);
+        # attention reads a seq-major buffer through a [r, T, D] view
+        shape, tok = ((total, seg.size, d), 0) if seq_major else ((seg.size, total, d), 1)   # tok: the token dim
         dense = []
         for q in src:
-            # decoded in the layout it is stored in (a strided output halves the decode
-            # rate); attention reads a seq-major buffer through a [r, T, D] view
-            d = st.spec.head_dim
-            buf = st.tiers.empty(at, (total, seg.size, d) if seq_major else (seg.size, total, d), st.dtype)
-            tok = 0 if seq_major else 1                  # the token dim of buf and q
+            buf = st.tiers.empty(at, shape, st.dtype)
             if slot:
                 dequantize_into(q.narrow(tok, 0, slot), buf.narrow(tok, 0, slot))
             dense.append(buf.transpose(0, 1) if seq_major else buf)
