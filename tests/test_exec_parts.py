@@ -181,6 +181,53 @@ def test_aligned_reads_bypass_the_page_cache_and_match(tmp_path):
         io.close()
 
 
+def _resident_pages(path) -> int:
+    """Pages of ``path`` in the page cache (mincore(2) on a shared mapping of it)."""
+    import ctypes
+    import mmap
+    import os
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    n = os.path.getsize(path)
+    vec = (ctypes.c_ubyte * -(-n // mmap.PAGESIZE))()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, n, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+        try:
+            assert libc.mincore(addr, n, vec) == 0, ctypes.get_errno()
+        finally:
+            libc.munmap(addr, n)
+    finally:
+        os.close(fd)
+    return sum(v & 1 for v in vec)
+
+
+def test_aligned_writes_bypass_the_page_cache_and_read_back(tmp_path):
+    from flexgraph.exec.diskio import ALIGN, aligned_empty
+    io = DiskIO()
+    try:
+        src = aligned_empty((64 * ALIGN // 4 + 100,), torch.float32).normal_()    # 64 pages and a tail
+        io.write_from(tmp_path / "f", 0, src)
+        if io.direct_fd(tmp_path / "f", write=True) is None:
+            pytest.skip("this filesystem refuses O_DIRECT")
+        assert io.statistics().writes == 2                   # the whole pages direct, the tail buffered
+        assert _resident_pages(tmp_path / "f") <= 1           # only the tail's page went through the cache
+        back = aligned_empty(src.shape, torch.float32)
+        io.read_into(tmp_path / "f", 0, back)
+        assert torch.equal(back, src)
+        unaligned = torch.empty(src.numel() + 1)[1:]         # an unaligned source: buffered, and still right
+        io.write_from(tmp_path / "g", 0, unaligned.copy_(src))
+        assert _resident_pages(tmp_path / "g") > 64
+        io.read_into(tmp_path / "g", 0, back)
+        assert torch.equal(back, src)
+    finally:
+        io.close()
+
+
 def test_stale_offload_runs_of_dead_processes_are_removed(tmp_path):
     import os
     from flexgraph.exec.homes import remove_stale_runs

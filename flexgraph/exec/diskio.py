@@ -3,7 +3,10 @@
 Reads land directly in the destination tensor's memory (``os.preadv`` on a view of its
 bytes): no intermediate ``bytes`` object, no extra copy — and, when the tensor is
 page-aligned (:func:`aligned_empty`) and the offset too, with O_DIRECT, bypassing the
-page cache.  Large transfers are cut into
+page cache.  Writes of page-aligned tensors at page-aligned offsets bypass it too: a
+buffered write leaves its pages in the page cache, which a memory cgroup charges to the
+run (OPT-1.3B's KV cache, written buffered under a 3 GiB cap, grew the run's page cache
+to 1.8 GB, and every fresh buffer then had to be reclaimed from it).  Large transfers are cut into
 chunks served by a small thread pool, so several requests are in flight at once (what
 an NVMe drive needs to reach its bandwidth).  ``tools/bench_io.py`` compares this with
 aiofiles, which returns fresh ``bytes`` objects that must then be copied.
@@ -63,6 +66,7 @@ class DiskIO:
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self._direct_fds: dict[str, int | None] = {}
+        self._direct_writable: dict[str, bool] = {}
         self._stats = {"read_bytes": 0, "write_bytes": 0, "read_seconds": 0.0, "write_seconds": 0.0,
                        "reads": 0, "writes": 0}
 
@@ -80,21 +84,35 @@ class DiskIO:
                 self._fds[key] = fd
             return fd
 
-    def direct_fd(self, path: str | Path) -> int | None:
-        """A second descriptor with O_DIRECT for reads, or None where the filesystem
-        refuses it (tmpfs, some network filesystems)."""
+    def direct_fd(self, path: str | Path, write: bool = False) -> int | None:
+        """A second descriptor with O_DIRECT, or None where the filesystem refuses it
+        (tmpfs, some network filesystems) — or, with ``write``, where the file is
+        read-only (a weight store's)."""
         key = str(path)
         with self._lock:
             if key not in self._direct_fds:
-                try:
-                    self._direct_fds[key] = os.open(key, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
-                except OSError:
-                    self._direct_fds[key] = None
-            return self._direct_fds[key]
+                direct = getattr(os, "O_DIRECT", 0)
+                fd = None
+                for flags in (os.O_RDWR | direct, os.O_RDONLY | direct):
+                    try:
+                        fd = os.open(key, flags)
+                        break
+                    except PermissionError:
+                        continue
+                    except OSError:
+                        break
+                self._direct_fds[key] = fd
+                if fd is not None:
+                    self._direct_writable[key] = flags & os.O_RDWR == os.O_RDWR
+            fd = self._direct_fds[key]
+            if write and not self._direct_writable.get(key, False):
+                return None
+            return fd
 
     def forget(self, path: str | Path) -> None:
         with self._lock:
             fds = [self._fds.pop(str(path), None), self._direct_fds.pop(str(path), None)]
+            self._direct_writable.pop(str(path), None)
         for fd in fds:
             if fd is not None:
                 os.close(fd)
@@ -102,7 +120,7 @@ class DiskIO:
     def close(self) -> None:
         with self._lock:
             fds = list(self._fds.values()) + [fd for fd in self._direct_fds.values() if fd is not None]
-            self._fds, self._direct_fds = {}, {}
+            self._fds, self._direct_fds, self._direct_writable = {}, {}, {}
         for fd in fds:
             os.close(fd)
         self._pool.shutdown(wait=True)
@@ -129,9 +147,22 @@ class DiskIO:
             self._transfer(self.fd(path), offset + whole, mv[whole:], write=False, path=path)
 
     def write_from(self, path: str | Path, offset: int, src: torch.Tensor) -> None:
-        """Write the bytes of ``src`` (made contiguous on the CPU if needed) at ``offset``."""
+        """Write the bytes of ``src`` (made contiguous on the CPU if needed) at ``offset``:
+        whole pages with O_DIRECT when ``src`` starts on a page and ``offset`` is
+        page-aligned, the rest through the page cache."""
         src = src.detach().to("cpu").contiguous()
-        self._transfer(self.fd(path, create=True), offset, byte_view(src), write=True, path=path)
+        mv = byte_view(src)
+        fd = self.fd(path, create=True)
+        direct = None
+        if src.data_ptr() % ALIGN == 0 and offset % ALIGN == 0 and len(mv) >= ALIGN:
+            direct = self.direct_fd(path, write=True)
+        if direct is None:
+            self._transfer(fd, offset, mv, write=True, path=path)
+            return
+        whole = len(mv) - len(mv) % ALIGN
+        self._transfer(direct, offset, mv[:whole], write=True, path=path)
+        if whole < len(mv):
+            self._transfer(fd, offset + whole, mv[whole:], write=True, path=path)
 
     def _transfer(self, fd: int, offset: int, mv: memoryview, write: bool, path) -> None:
         n = len(mv)
