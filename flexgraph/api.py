@@ -30,7 +30,7 @@ from flexgraph.graph.builder import Workload
 from flexgraph.hardware import detect_hardware
 from flexgraph.models.sampling import SamplingParams
 from flexgraph.plan.planner import Knobs, default_dtype, make_plan
-from flexgraph.plan.policy import Split, weight_placement
+from flexgraph.plan.policy import Policy, Split, policy_weight_placement
 from flexgraph.weights.resolve import materialize, resolve_model
 
 
@@ -46,7 +46,10 @@ class FlexModel:
         self._weights: Split | None = None
         self._homes = None
         if knobs.percent is not None:
-            self._place(Split(knobs.percent[0], knobs.percent[1]), knobs.dtype)
+            any_split = Split(0, 0)          # only the weights' split matters for placing them
+            self._place(Policy(1, 1, Split(knobs.percent[0], knobs.percent[1]), any_split, any_split,
+                               dtype=knobs.dtype, compress_weight=knobs.compress_weight,
+                               storage_dtype=knobs.storage_dtype))
 
     @classmethod
     def from_pretrained(cls, model: str = "smollm2-135m", *, dummy: bool = False,
@@ -54,7 +57,8 @@ class FlexModel:
                         num_gpu_batches: int | None = None, schedule: str | None = None, dtype: str | None = None,
                         device: str | None = None, gpu_mem=None, cpu_mem=None, disk_mem=None,
                         offload_dir: str | None = None, progress: bool = False, compress_weight: bool = False,
-                        compress_cache: bool = False, cpu_cache_compute: bool = False) -> FlexModel:
+                        compress_cache: bool = False, cpu_cache_compute: bool = False,
+                        storage_dtype: str | None = None) -> FlexModel:
         ref = resolve_model(model, dummy=dummy)
         hardware = detect_hardware(device=device, gpu_mem=gpu_mem, cpu_mem=cpu_mem, disk_mem=disk_mem,
                                    offload_dir=offload_dir).to_json()
@@ -62,16 +66,15 @@ class FlexModel:
                       percent=tuple(percent) if percent is not None else None, schedule=schedule,
                       dtype=dtype or default_dtype(hardware["device"]),
                       compress_weight=compress_weight, compress_cache=compress_cache,
-                      cpu_cache_compute=cpu_cache_compute)
-        store = materialize(ref, dtype=_dtype(knobs.dtype) if ref.dummy else None, progress=progress)
+                      cpu_cache_compute=cpu_cache_compute, storage_dtype=storage_dtype)
+        store = materialize(ref, dtype=_dtype(storage_dtype or knobs.dtype) if ref.dummy else None, progress=progress)
         return cls(ref, store, hardware, knobs, progress)
 
-    def _place(self, weights: Split, dtype: str) -> None:
-        compress = self.knobs.compress_weight
-        placement = weight_placement(self.spec, weights, _dtype(dtype).itemsize, compress)
-        self._homes = load_weight_homes(self.spec, self.store, placement, _dtype(dtype), self._tiers,
-                                        verify=True, show_progress=self.progress, compress=compress)
-        self._weights = weights
+    def _place(self, policy: Policy) -> None:
+        self._homes = load_weight_homes(self.spec, self.store, policy_weight_placement(self.spec, policy),
+                                        policy.torch_dtype, self._tiers, verify=True, show_progress=self.progress,
+                                        compress=policy.compress_weight, store_dtype=policy.store_torch_dtype)
+        self._weights = policy.weights
 
     # ---- generation ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -109,7 +112,7 @@ class FlexModel:
         knobs = self.knobs if self._weights is None else replace(self.knobs, weights=self._weights)
         plan = make_plan(self.ref, wl, sampling, self.hardware, knobs)
         if self._homes is None:
-            self._place(plan.policy.weights, plan.policy.dtype)
+            self._place(plan.policy)
         report = run_plan(plan, self.store, prompts, sampling,
                           options=ExecOptions(progress=self.progress), weight_homes=self._homes)
         self.last_metrics = report.metrics

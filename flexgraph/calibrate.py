@@ -22,6 +22,8 @@ What is measured (for one working dtype and device):
   streamed from memory; the ratio to the analytic time corrects the cost model
   (element-wise chains and memory-bound products are not what FLOP/s predict);
 - **4-bit decoding** (:func:`measure_dequant`), when a plan compresses weights or cache;
+- **converting from a storage dtype** (:func:`measure_cast`), when a plan may keep
+  weights and cache narrower than it computes;
 - **what disk reads cost the compute** on a CPU (:func:`measure_io_cpu`): the compute
   seconds lost per byte read meanwhile.
 
@@ -119,6 +121,7 @@ class Calibration:
     dequant_cache: float = 0.0      # the same for a KV cache's layout (groups along the head dim)
     quant_cache: float = 0.0        # dense bytes/s into a KV cache's 4-bit layout (encoding)
     io_cpu: float = 0.0             # compute seconds lost per byte read from disk meanwhile (CPU device)
+    cast: dict[str, float] = field(default_factory=dict)   # storage dtype -> working-dtype bytes/s converted
     measured_at: str = ""
 
     def to_json(self) -> dict:
@@ -497,6 +500,25 @@ def ensure_dequant(cal: Calibration, dtype: torch.dtype, has_gpu_tier: bool) -> 
         dev = torch.device("cuda" if cal.device == "cuda" else "cpu")
         cal.dequant = _in_thread(measure_dequant, dtype, dev)
         cal.dequant_cache, cal.quant_cache = _in_thread(measure_cache_codec, dtype, dev)
+        save_calibration(cal, calibration_path(cal.device, cal.dtype, has_gpu_tier))
+
+
+def measure_cast(store_dtype: torch.dtype, dtype: torch.dtype, device: torch.device) -> float:
+    """Working-dtype bytes per second that converting a matrix kept in ``store_dtype``
+    produces, into one reused buffer as the compute does (a matrix bigger than the
+    last-level cache, as a layer's weights are)."""
+    src = torch.randn(8192, 8192, device=device).to(store_dtype)
+    out = torch.empty(src.shape, dtype=dtype, device=device)
+    return out.numel() * out.element_size() / _best_time(lambda: out.copy_(src), min_seconds=0.3, repeats=3)
+
+
+def ensure_cast(cal: Calibration, store_dtype: torch.dtype, dtype: torch.dtype, has_gpu_tier: bool) -> None:
+    """Measure the conversion rate from ``store_dtype`` once per machine."""
+    name = str(store_dtype).split(".")[-1]
+    if cal.cast.get(name, 0.0) <= 0:
+        log.info("calibrating_cast", storage_dtype=name)
+        dev = torch.device("cuda" if cal.device == "cuda" else "cpu")
+        cal.cast[name] = _in_thread(measure_cast, store_dtype, dtype, dev)
         save_calibration(cal, calibration_path(cal.device, cal.dtype, has_gpu_tier))
 
 

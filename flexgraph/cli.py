@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="working dtype (default: float16 on CUDA; on a CPU bfloat16 where it multiplies "
                           "bfloat16 at least half as fast as float32 (AMX, AVX512-BF16), else float32)")
+    pol.add_argument("--storage-dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="dtype weight matrices and KV cache are kept in on every tier, converted to the "
+                          "working dtype where used (default: the search weighs bfloat16 against the working "
+                          "dtype when that is float32; --search rule keeps the working dtype)")
     hw = p.add_argument_group("hardware (left out = detected)")
     hw.add_argument("--device", choices=("cpu", "cuda"), default=None)
     hw.add_argument("--gpu-mem", default=None, help="gpu tier size; on a CPU-only machine, simulates one")
@@ -119,9 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool = False, compiled: bool = False,
-                    compress_weight: bool = False, compress_cache: bool = False):
-    """The calibrated cost model for ``spec`` on this machine (measuring what is missing)."""
-    from flexgraph.calibrate import ensure_dequant, ensure_layers, ensure_matmul, load_calibration
+                    compress_weight: bool = False, compress_cache: bool = False, storage: tuple = ()):
+    """The calibrated cost model for ``spec`` on this machine (measuring what is missing);
+    ``storage``: the storage dtypes plans may use (their conversion rates are measured)."""
+    from flexgraph.calibrate import ensure_cast, ensure_dequant, ensure_layers, ensure_matmul, load_calibration
     from flexgraph.plan.cost import CostModel
     from flexgraph.plan.planner import default_dtype
     from flexgraph.plan.policy import DTYPES
@@ -135,6 +140,9 @@ def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool =
     ensure_layers(cal, model, torch_dtype, compiled, has_gpu)
     if compress_weight or compress_cache:
         ensure_dequant(cal, torch_dtype, has_gpu)
+    for name in storage:
+        if name is not None and DTYPES[name] != torch_dtype:
+            ensure_cast(cal, DTYPES[name], torch_dtype, has_gpu)
     return model
 
 
@@ -145,7 +153,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flexgraph.log import get_logger
     from flexgraph.models.sampling import SamplingParams
     from flexgraph.plan.planfile import save_plan
-    from flexgraph.plan.planner import COMPILE_MEMORY, Knobs, default_dtype, make_plan, should_compile
+    from flexgraph.plan.planner import COMPILE_MEMORY, Knobs, default_dtype, make_plan, should_compile, storage_choices
     from flexgraph.plan.summary import plan_summary
     from flexgraph.weights.resolve import resolve_model
 
@@ -166,7 +174,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     knobs = Knobs(gpu_batch_size=args.gpu_batch_size, num_gpu_batches=args.num_gpu_batches,
                   percent=_percent(args.percent) if args.percent else None, schedule=args.schedule,
                   dtype=args.dtype, compress_weight=args.compress_weight, compress_cache=args.compress_cache,
-                  cpu_cache_compute=args.cpu_cache_compute, prefetch=not args.no_prefetch)
+                  cpu_cache_compute=args.cpu_cache_compute, prefetch=not args.no_prefetch,
+                  storage_dtype=args.storage_dtype)
     if workload.prompt_len + workload.gen_len > ref.spec.max_position_embeddings:
         raise FlexgraphError(f"--prompt-len {workload.prompt_len} + --gen-len {workload.gen_len} exceed the "
                              f"model's {ref.spec.max_position_embeddings} positions; shorten them")
@@ -180,7 +189,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     cost_model = None
     if args.search == "cost":
         cost_model = load_cost_model(ref.spec, hw, dtype, args.recalibrate, compiled,
-                                     knobs.compress_weight, knobs.compress_cache)
+                                     knobs.compress_weight, knobs.compress_cache, storage_choices(knobs, dtype))
     plan = make_plan(ref, workload, sampling, hw, knobs, cost_model)
     plan.compile = compiled
     save_plan(plan, args.out)
@@ -203,7 +212,8 @@ def cmd_execute(args: argparse.Namespace) -> int:
     get_logger("flexgraph.execute").info("huge_pages", on=huge, planned_peak=plan.residency["peak"]["cpu"],
                                          capacity=plan.residency["capacity"]["cpu"])
     ref = ModelRef.from_json(plan.model)
-    store = materialize(ref, dtype=plan.policy.torch_dtype if ref.dummy else None)
+    # dummy weights are made in the dtype the plan keeps them in (read in place, not converted)
+    store = materialize(ref, dtype=plan.policy.store_torch_dtype if ref.dummy else None)
     sampling = plan.sampling.override(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k,
                                       top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
     prompts = load_prompts(args.prompts, store, plan)

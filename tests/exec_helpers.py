@@ -53,7 +53,7 @@ def run_tiny(store, tmp: Path, prompts: list[Prompt], gen_len: int, *, gbs: int,
              overlap: bool = True, prefetch: bool = True, dtype: str = "float32",
              sampling: SamplingParams | None = None, results_path=None, metrics_path=None, trace_path=None,
              compress_weight: bool = False, compress_cache: bool = False, cpu_cache_compute: bool = False,
-             record_logits: bool = False):
+             record_logits: bool = False, storage_dtype: str | None = None):
     """Plan and execute; returns (generated ids per prompt, RunReport, Plan).  With
     ``record_logits`` the report's ``logits`` holds each prompt's float32 ``[gen_len, V]``."""
     ref = resolve_model(str(store.path))
@@ -62,7 +62,8 @@ def run_tiny(store, tmp: Path, prompts: list[Prompt], gen_len: int, *, gbs: int,
     sampling = sampling or SamplingParams(ignore_eos=True)
     plan = make_plan(ref, wl, sampling, hardware(tmp, gpu_mem),
                      Knobs(gbs, ngb, tuple(percent), schedule, dtype, compress_weight=compress_weight,
-                           compress_cache=compress_cache, cpu_cache_compute=cpu_cache_compute, prefetch=prefetch))
+                           compress_cache=compress_cache, cpu_cache_compute=cpu_cache_compute, prefetch=prefetch,
+                           storage_dtype=storage_dtype))
     report = run_plan(plan, store, prompts, sampling, results_path=results_path, metrics_path=metrics_path,
                       trace_path=trace_path, options=ExecOptions(overlap=overlap, progress=False,
                                                                  record_logits=record_logits))

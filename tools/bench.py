@@ -98,15 +98,17 @@ def _flexgraph_cmd(*args: str) -> list[str]:
 
 
 def prepare_model(sc: Scenario) -> str:
-    """Write dummy weights (in the dtype flexgraph will plan for) and the peers' Hugging
-    Face folder before any capped run (neither is part of what is measured); returns
-    that dtype."""
-    from flexgraph.plan.planner import default_dtype
+    """Write dummy weights (in each dtype flexgraph's plan may keep them in: the one it
+    computes in, and bfloat16 where that is float32) and the peers' Hugging Face folder
+    before any capped run (neither is part of what is measured); returns the dtype
+    flexgraph will compute in."""
+    from flexgraph.plan.planner import Knobs, default_dtype, storage_choices
     from flexgraph.plan.policy import DTYPES
     from flexgraph.weights.resolve import materialize, resolve_model
     dtype = default_dtype("cpu")
     ref = resolve_model(sc.model, dummy=sc.dummy)
-    materialize(ref, dtype=DTYPES[dtype] if sc.dummy else None, progress=True)
+    for kept in storage_choices(Knobs(), dtype) if sc.dummy else [None]:
+        materialize(ref, dtype=DTYPES[kept or dtype] if sc.dummy else None, progress=True)
     _tool("peers").hf_folder(sc.model, dtype="bfloat16", progress=True)
     return dtype
 
@@ -212,7 +214,8 @@ def markdown(report: dict[str, Any]) -> str:
             d = r["detail"]
             if r["system"].startswith("flexgraph"):
                 pol = d.get("policy") or {}
-                note = (f"{pol.get('dtype')}, gbs {pol.get('gpu_batch_size')} x {pol.get('num_gpu_batches')}, "
+                stored = f" (stored {pol['storage_dtype']})" if pol.get("storage_dtype") else ""
+                note = (f"{pol.get('dtype')}{stored}, gbs {pol.get('gpu_batch_size')} x {pol.get('num_gpu_batches')}, "
                         f"{pol.get('schedule')}, % {pol.get('weights')}/{pol.get('cache')}; "
                         if pol else "") + (
                     f"estimate err {d['estimate_error']:+.0%}; " if d.get("estimate_error") is not None else "") + (

@@ -37,7 +37,7 @@ from flexgraph.exec.homes import Tiers, load_weight_homes, make_cache_homes
 from flexgraph.exec.lanes import Completion, Lane, LaneStopped
 from flexgraph.exec.memory import MemoryManager
 from flexgraph.exec.nodes import RUNNERS, BatchInputs, RunState
-from flexgraph.graph.builder import COMPUTE, KINDS, make_sizes
+from flexgraph.graph.builder import COMPUTE, KINDS, make_sizes, scratch_homes
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.planfile import Plan
@@ -158,7 +158,8 @@ class Executor:
                 weight_homes = load_weight_homes(self.spec, self.store, placement, self.policy.torch_dtype,
                                                  self.tiers, verify=self.options.verify,
                                                  show_progress=self.options.progress,
-                                                 compress=self.policy.compress_weight)
+                                                 compress=self.policy.compress_weight,
+                                                 store_dtype=self.policy.store_torch_dtype)
             elif any(h.compressed for layer in weight_homes for h in layer.values()) != (
                     self.policy.compress_weight and any(should_compress(w.name, w.shape)
                                                         for w in self.spec.all_weights())):
@@ -166,12 +167,16 @@ class Executor:
                                      "the plan's; place them for this plan")
             cache_homes = make_cache_homes(self.spec, self.policy.num_gpu_batches, self.sizes.kv_rows,
                                            self.plan.workload.cache_len, self.policy.torch_dtype, self.tiers,
-                                           compress=self.policy.compress_cache)
+                                           compress=self.policy.compress_cache,
+                                           store_dtype=self.policy.store_torch_dtype)
             self.state = RunState(self.spec, self.policy.torch_dtype, self.tiers, weight_homes, cache_homes,
                                   self.sizes.kv_rows, self.sizes.act_rows, self.plan.workload.prompt_len,
                                   self.plan.sampling, kv_attn=self.sizes.kv_attn,
                                   compress_cache=self.policy.compress_cache,
-                                  record_logits=self.options.record_logits)
+                                  record_logits=self.options.record_logits,
+                                  cache_dtype=self.policy.store_torch_dtype,
+                                  scratch_bytes={buf: (tier, n) for buf, tier, n in scratch_homes(
+                                      self.spec, self.plan.workload, self.policy, self.sizes)})
             if self.options.compile:
                 from flexgraph.models.forward import compiled_kernels, warm_up
                 t_compile = time.perf_counter()

@@ -17,6 +17,10 @@ Homes:
   ``[S, rows, D]``, so the cached prefix is one contiguous read and a new token one
   contiguous write.
 
+A storage dtype narrower than the working one (``--storage-dtype``) is the dtype of the
+weight matrices (:func:`~flexgraph.compress.quant.should_compress`'s) and of the dense
+KV cache in their homes, on every tier.
+
 Compressed (4-bit, :mod:`flexgraph.compress.quant`) on every tier when the policy says
 so: a weight home is a :class:`~flexgraph.compress.quant.QTensor` in memory, or its
 :func:`~flexgraph.compress.quant.qlayout` bytes (``scale | mn | packed``) in one file on
@@ -211,11 +215,13 @@ class WeightHome:
 
 
 def load_weight_homes(spec: ModelSpec, store, placement: WeightPlacement, dtype: torch.dtype, tiers: Tiers,
-                      verify: bool, show_progress: bool = True, compress: bool = False) -> list[dict[str, WeightHome]]:
+                      verify: bool, show_progress: bool = True, compress: bool = False,
+                      store_dtype: torch.dtype | None = None) -> list[dict[str, WeightHome]]:
     """Place every layer's weights on their home tiers; returns per layer {role: home}.
 
     With ``compress``, every weight :func:`~flexgraph.compress.quant.should_compress`
-    accepts is quantised (along its output channels) and stored compressed on its tier.
+    accepts is quantised (along its output channels) and stored compressed on its tier;
+    without, those weights are kept in ``store_dtype`` (default: the working ``dtype``).
 
     ``verify`` checks every checksum first, streaming (once per store: a stamp in the
     cache remembers verified files by size, mtime and inode); the placing reads skip it.
@@ -234,11 +240,13 @@ def load_weight_homes(spec: ModelSpec, store, placement: WeightPlacement, dtype:
             for w in spec.layer_weights(j):
                 tier = tiers_of[w.name]
                 name = spec.storage_name(w.name)
-                squeeze = compress and should_compress(w.name, w.shape)
+                matrix = should_compress(w.name, w.shape)
+                squeeze = compress and matrix
                 key = (name, tier, squeeze)
                 if key not in shared:
+                    kept = store_dtype if matrix and store_dtype is not None else dtype
                     place = _place_compressed if squeeze else _place_weight
-                    shared[key] = place(store, name, w.shape, tier, dtype, tiers)
+                    shared[key] = place(store, name, w.shape, tier, dtype if squeeze else kept, tiers)
                 layer[role_of(w.name)] = shared[key]
                 bar.update(1)
             homes.append(layer)
@@ -327,8 +335,11 @@ class CacheHome:
     """The KV cache of one (attention layer, GPU batch), split by rows across tiers."""
 
     def __init__(self, j: int, k: int, rows_per_tier: tuple[int, int, int], slots: int, head_dim: int,
-                 dtype: torch.dtype, tiers: Tiers, compress: bool = False):
+                 dtype: torch.dtype, tiers: Tiers, compress: bool = False, store_dtype: torch.dtype | None = None):
+        """``dtype``: the working dtype (a compressed cache's scales); a dense cache is kept
+        in ``store_dtype`` (default: ``dtype``)."""
         self.segments: list[CacheSegment] = []
+        dense = store_dtype or dtype
         for tier, rows in row_ranges(rows_per_tier).items():
             r = rows.stop - rows.start
             if compress and tier == "disk":
@@ -344,15 +355,15 @@ class CacheHome:
                                                   vq=tiers.empty_q(tier, shape, dtype, CACHE_GROUP_DIM)))
             elif tier == "disk":
                 shape = (slots, r, head_dim)
-                kd = DiskTensor(tiers.file(f"kv-{j}-{k}.k"), 0, shape, dtype)
-                vd = DiskTensor(tiers.file(f"kv-{j}-{k}.v"), 0, shape, dtype)
+                kd = DiskTensor(tiers.file(f"kv-{j}-{k}.k"), 0, shape, dense)
+                vd = DiskTensor(tiers.file(f"kv-{j}-{k}.v"), 0, shape, dense)
                 for d in (kd, vd):     # reserve the space now: a full disk fails here, not mid-run
                     _preallocate(d, tiers)
                 self.segments.append(CacheSegment(tier, rows, k_disk=kd, v_disk=vd))
             else:
                 shape = (r, slots, head_dim)
-                self.segments.append(CacheSegment(tier, rows, k=tiers.empty(tier, shape, dtype),
-                                                  v=tiers.empty(tier, shape, dtype)))
+                self.segments.append(CacheSegment(tier, rows, k=tiers.empty(tier, shape, dense),
+                                                  v=tiers.empty(tier, shape, dense)))
 
 
 def _preallocate(d: DiskTensor, tiers: Tiers) -> None:
@@ -365,8 +376,9 @@ def _preallocate(d: DiskTensor, tiers: Tiers) -> None:
 
 
 def make_cache_homes(spec: ModelSpec, num_gpu_batches: int, rows_per_tier, slots: int, dtype: torch.dtype,
-                     tiers: Tiers, compress: bool = False) -> dict[tuple[int, int], CacheHome]:
-    return {(j, k): CacheHome(j, k, rows_per_tier, slots, spec.head_dim, dtype, tiers, compress)
+                     tiers: Tiers, compress: bool = False,
+                     store_dtype: torch.dtype | None = None) -> dict[tuple[int, int], CacheHome]:
+    return {(j, k): CacheHome(j, k, rows_per_tier, slots, spec.head_dim, dtype, tiers, compress, store_dtype)
             for j in range(spec.num_layers) if spec.layer(j).kind == ATTN for k in range(num_gpu_batches)}
 
 

@@ -21,6 +21,19 @@ the new entries are quantised into their slots — in the home for rows attended
 live, else into the working buffer, from which ``store_cache`` writes the compressed slot
 home.
 
+A storage dtype narrower than the working one (``--storage-dtype``) goes the same way:
+weight matrices stay in it in homes and working buffers and ``compute`` converts each
+right before its product (:class:`_Decoded`; the embedding only its tokens' rows, the
+head a chunk of rows at a time); the dense cache is kept, loaded and stored in it, and
+``compute`` converts the prefix it attends to into dense buffers and writes the new
+entries back, rounded, after the attention used them.
+
+Decoded matrices and dense K/V live in scratch buffers allocated once per run
+(:meth:`RunState.scratch`, the ``Xw`` and ``Xc`` homes of
+:func:`~flexgraph.graph.builder.scratch_homes`): a fresh 64 MiB tensor per matrix cost
+34 ms against 5.4 ms for converting into a reused one here — the OS faults fresh memory
+in page by page.
+
 Attention where the cache lives (``kv_attn``, from ``cpu_cache_compute``; decode steps
 only): rows whose attention tier is their home tier are attended in place (their home
 tensors are the segments; :func:`~flexgraph.models.layers.attention_layer` moves the
@@ -35,9 +48,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize_into, dequantize_rows,
                                       qtensor_from_bytes, quantize_into)
+from flexgraph.errors import ExecutionError
 from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
 from flexgraph.models import layers as L
 from flexgraph.models.forward import EAGER, compute_layer
@@ -71,8 +86,12 @@ class RunState:
     def __init__(self, spec: ModelSpec, dtype: torch.dtype, tiers: Tiers, weight_homes: list[dict[str, WeightHome]],
                  cache_homes: dict[tuple[int, int], CacheHome], kv_rows, act_rows, prompt_len: int,
                  sampling: SamplingParams, kv_attn: tuple[str, str, str] | None = None,
-                 compress_cache: bool = False, record_logits: bool = False):
+                 compress_cache: bool = False, record_logits: bool = False, cache_dtype: torch.dtype | None = None,
+                 scratch_bytes: dict[tuple, tuple[str, int]] | None = None):
         self.spec, self.dtype, self.tiers = spec, dtype, tiers
+        self.cache_dtype = cache_dtype or dtype               # a dense cache as kept (the storage dtype)
+        self.scratch_bytes = scratch_bytes or {}              # buffer id -> (tier, planned bytes)
+        self._scratch: dict[tuple, torch.Tensor] = {}
         self.ct = tiers.compute_tier
         self.weight_homes, self.cache_homes = weight_homes, cache_homes
         self.kv_rows, self.act_ranges = kv_rows, row_ranges(act_rows)
@@ -93,6 +112,17 @@ class RunState:
         self.live_peak = dict.fromkeys(TIERS, 0)
 
     # ---- buffers -----------------------------------------------------------------------
+    def scratch(self, buf: tuple) -> torch.Tensor:
+        """The run's scratch buffer ``buf`` (``("Xw",)``, ``("Xc", tier)``), flat, in the
+        working dtype: allocated whole on first use, at the size the plan gave its home."""
+        got = self._scratch.get(buf)
+        if got is None:
+            if buf not in self.scratch_bytes:
+                raise ExecutionError(f"the plan has no {buf[0]} scratch home here; re-plan with this flexgraph")
+            tier, nbytes = self.scratch_bytes[buf]
+            got = self._scratch[buf] = self.tiers.empty(tier, (nbytes // self.dtype.itemsize,), self.dtype)
+        return got
+
     def put(self, inst: tuple, value, tier_bytes: dict[str, int]) -> None:
         with self._lock:
             self.buffers[inst] = value
@@ -216,15 +246,15 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             continue
         if seg.tier == "disk":
             # seq-major [T, r, D]: the prefix is one contiguous read
-            kb = st.tiers.empty(at, (total, r, d), st.dtype)
-            vb = st.tiers.empty(at, (total, r, d), st.dtype)
-            nb = prefix * r * d * st.dtype.itemsize
+            kb = st.tiers.empty(at, (total, r, d), st.cache_dtype)
+            vb = st.tiers.empty(at, (total, r, d), st.cache_dtype)
+            nb = prefix * r * d * st.cache_dtype.itemsize
             st.tiers.read(seg.k_disk, kb, nb)
             st.tiers.read(seg.v_disk, vb, nb)
             buf[seg.tier] = (kb.permute(1, 0, 2), vb.permute(1, 0, 2), kb, vb)
         else:
-            kb = st.tiers.empty(at, (r, total, d), st.dtype)
-            vb = st.tiers.empty(at, (r, total, d), st.dtype)
+            kb = st.tiers.empty(at, (r, total, d), st.cache_dtype)
+            vb = st.tiers.empty(at, (r, total, d), st.cache_dtype)
             if prefix:
                 kb[:, :prefix].copy_(seg.k[:, :prefix], non_blocking=True)
                 vb[:, :prefix].copy_(seg.v[:, :prefix], non_blocking=True)
@@ -261,16 +291,13 @@ def compute(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     else:
         x = st.buffers[keys[("Hc", i, j - 1, k)]]
     if kind == EMBED:
-        w, x = _embedding_rows(w, x)
+        w, x = _embedding_rows(w, x, st.dtype)
     segments, finish = _cache_segments(st, i, j, k, keys) if kind == ATTN else (None, None)
     inputs = _StepView(step)
-    if kind == HEAD and _head_chunk_rows(w) is not None:
-        out = _head_in_chunks(spec, w, x)
-    else:
-        if all(isinstance(t, torch.Tensor) for t in w.values()):
-            out, _kv = compute_layer(spec, j, w, x, inputs, segments, st.inv_freq, st.kernels)
-        else:       # compressed weights decode on access: eager maths
-            out, _kv = compute_layer(spec, j, _Decoded(w), x, inputs, segments, st.inv_freq)
+    if all(isinstance(t, torch.Tensor) and t.dtype == st.dtype for t in w.values()):
+        out, _kv = compute_layer(spec, j, w, x, inputs, segments, st.inv_freq, st.kernels)
+    else:       # compressed or narrower-stored weights decode on access: eager maths
+        out, _kv = compute_layer(spec, j, _Decoded(w, st.dtype, st.scratch), x, inputs, segments, st.inv_freq)
     if finish is not None:
         finish()
     if kind == HEAD:
@@ -310,31 +337,60 @@ def _layer_weights(st: RunState, i: int, j: int, k: int, keys: dict) -> dict[str
 
 
 class _Decoded(Mapping):
-    """Weights by role for the layer maths; a compressed one is decoded when the maths
-    reads it — right before its product — so at most one decoded matrix is alive at a
-    time (the workspace bound of :func:`flexgraph.graph.builder.weight_decode_bytes`).
+    """Weights by role for the layer maths; a compressed one — or one stored in a narrower
+    dtype than the working ``dtype`` — is decoded when the maths uses it.
 
-    Every matrix one compute decodes goes into the same buffer, sized for the largest:
-    a fresh tensor per matrix is a fresh mapping the OS faults in page by page (a
-    16384x4096 bfloat16 weight decoded at 0.84 GB/s into a new tensor, 1.29 into a reused
-    one, on a busy 2-core Xeon).  So a decoded weight is valid until the next is asked
-    for: the layer maths uses each in one product before reading the next.
+    A product (:meth:`linear`, which :func:`~flexgraph.models.layers.linear` calls)
+    decodes its matrix a chunk of rows at a time
+    (:func:`~flexgraph.graph.builder.chunk_rows`) and multiplies each chunk while it is
+    still in the cache: decoding a whole matrix to memory first and reading it back
+    made a decode step's product 2x slower than reading float32.  A weight read whole
+    (``w[role]``: learned positions) is decoded whole.  Either way into one buffer — the
+    run's ``Xw`` scratch when ``scratch`` (:meth:`RunState.scratch`) is given, else one
+    allocated here — so a decoded weight is valid until the next is asked for (only
+    matrices are decoded or stored narrower; norms and biases are read as they are).
     """
-    __slots__ = ("_w", "_space")
+    __slots__ = ("_w", "_dtype", "_scratch", "_space")
 
-    def __init__(self, w: dict):
-        self._w = w
+    def __init__(self, w: dict, dtype: torch.dtype, scratch=None):
+        self._w, self._dtype, self._scratch = w, dtype, scratch
         self._space: torch.Tensor | None = None
+
+    def _decode(self, t) -> torch.Tensor:
+        n = _numel(t)
+        space = self._space
+        if space is None or space.numel() < n or space.device != t.device:
+            self._space = space = None                  # the old one goes before the new one comes
+            space = self._scratch(("Xw",)) if self._scratch else torch.empty(n, dtype=self._dtype, device=t.device)
+            if space.numel() < n:
+                raise ExecutionError(f"a {tuple(t.shape)} weight does not fit the plan's decode scratch; re-plan")
+            self._space = space
+        out = space[:n].view(t.shape)
+        if isinstance(t, QTensor):
+            return dequantize_into(t, out)
+        return out.copy_(t)
 
     def __getitem__(self, role: str) -> torch.Tensor:
         t = self._w[role]
-        if not isinstance(t, QTensor):
+        if not isinstance(t, QTensor) and t.dtype == self._dtype:
             return t
-        space = self._space
-        if space is None or space.numel() < t.numel or space.dtype != t.dtype or space.device != t.device:
-            self._space = space = None                  # the old one goes before the new one comes
-            self._space = space = torch.empty(t.numel, dtype=t.dtype, device=t.device)
-        return dequantize_into(t, space[:t.numel].view(t.shape))
+        return self._decode(t)
+
+    def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
+        # x: [..., K] -> [..., N], the weight [N, K] decoded a chunk of rows at a time
+        from flexgraph.graph.builder import chunk_rows
+        t, bias = self._w[f"{prefix}.weight"], self._w.get(f"{prefix}.bias")
+        if not isinstance(t, QTensor) and t.dtype == self._dtype:
+            return F.linear(x, t, bias)
+        n_out, cols = t.shape[0], t.shape[1]
+        rows = chunk_rows(cols, self._dtype.itemsize, x.numel() // cols)
+        if rows >= n_out:
+            return F.linear(x, self._decode(t), bias)
+        out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+        for a in range(0, n_out, rows):
+            n = min(rows, n_out - a)
+            out[..., a:a + n] = F.linear(x, self._decode(_row_chunk(t, a, n)), None if bias is None else bias[a:a + n])
+        return out
 
     def __contains__(self, role) -> bool:
         return role in self._w
@@ -346,53 +402,43 @@ class _Decoded(Mapping):
         return len(self._w)
 
 
-def _embedding_rows(w: dict, ids: torch.Tensor):
-    """A compressed embedding table is not decoded whole: only the groups holding this
-    step's tokens, as a compact table the ids are re-indexed into (same values, so the
-    same result as a lookup in the decoded table)."""
+def _row_chunk(t, a: int, n: int):
+    """Rows ``[a, a + n)`` of a matrix; of a 4-bit one (grouped along rows, ``a`` on a group
+    boundary) the groups that hold them."""
+    if not isinstance(t, QTensor):
+        return t[a:a + n]
+    gs = t.group_size
+    g0, g1 = a // gs, -(-(a + n) // gs)
+    return QTensor(t.packed[g0 * gs // 2:g1 * gs // 2], t.scale[g0:g1], t.mn[g0:g1], (n, t.shape[1]), t.dtype, 0, gs)
+
+
+def _numel(t: torch.Tensor | QTensor) -> int:
+    return t.numel if isinstance(t, QTensor) else t.numel()
+
+
+def _embedding_rows(w: dict, ids: torch.Tensor, dtype: torch.dtype):
+    """A compressed (or narrower-stored) embedding table is not decoded whole: only the
+    rows of this step's tokens (4-bit: the groups holding them), as a compact table the
+    ids are re-indexed into (same values, so the same result as a lookup in the decoded
+    table)."""
     table = w.get("embed_tokens.weight")
-    if not isinstance(table, QTensor):
-        return w, ids
-    uniq, inverse = torch.unique(ids, return_inverse=True)
-    return {**w, "embed_tokens.weight": dequantize_rows(table, uniq)}, inverse
-
-
-def _head_chunk_rows(w: dict) -> int | None:
-    """Rows of a compressed output head decoded at a time (whole groups), or None when it
-    is not compressed or fits in one chunk (see :func:`flexgraph.graph.builder.head_chunk_rows`)."""
-    from flexgraph.graph.builder import head_chunk_rows
-    q = w.get("lm_head.weight")
-    if not isinstance(q, QTensor):
-        return None
-    rows = head_chunk_rows(q.shape[1], q.dtype.itemsize)
-    return rows if rows < q.shape[0] else None
-
-
-def _head_in_chunks(spec: ModelSpec, w: dict, x: torch.Tensor) -> torch.Tensor:
-    """The head's logits ``[B, V]`` (float32) of the last position, with a compressed
-    ``lm_head`` decoded a chunk of whole groups of vocabulary rows at a time, so the
-    decoded part stays small however large the vocabulary."""
-    q: QTensor = w["lm_head.weight"]
-    rows, gs = _head_chunk_rows(w), q.group_size
-    h = x[:, -1:]
-    vocab = q.shape[0]
-    out = torch.empty(h.shape[0], vocab, dtype=torch.float32, device=h.device)
-    for a in range(0, vocab, rows):
-        n = min(rows, vocab - a)
-        g0, g1 = a // gs, -(-(a + n) // gs)
-        part = QTensor(q.packed[g0 * gs // 2:g1 * gs // 2], q.scale[g0:g1], q.mn[g0:g1], (n, q.shape[1]), q.dtype,
-                       0, gs)
-        out[:, a:a + n] = L.head(spec, _Decoded({**w, "lm_head.weight": part}), h)[:, 0]
-    return out
+    if isinstance(table, QTensor):
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        return {**w, "embed_tokens.weight": dequantize_rows(table, uniq)}, inverse
+    if table is not None and table.dtype != dtype:
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        return {**w, "embed_tokens.weight": table[uniq].to(dtype)}, inverse
+    return w, ids
 
 
 def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
     """``(segments, finish)``: the ``(rows, k, v)`` buffers attention reads and writes, and
-    what to do after it (quantise the new entries, with a compressed cache; else None)."""
+    what to do after it (put the new entries, quantised or rounded, into their slots, when
+    the cache is kept compressed or narrower than the working dtype; else None)."""
     home = st.cache_homes[(j, k)]
     working = st.buffers.get(keys.get(("Cb", i, j, k)), {})
     segs = []
-    if not st.compress_cache:
+    if not st.compress_cache and st.cache_dtype == st.dtype:
         for seg in home.segments:
             if st.attn_tier(seg.tier, i) == seg.tier:    # attended where it lives
                 segs.append((seg.rows, seg.k, seg.v))
@@ -404,22 +450,31 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
     slot, new = step.slot, step.new
     total = slot + new
     d = st.spec.head_dim
-    encode = []                                          # (dense in the stored layout, compressed, token dim)
+    encode = []                      # (dense in the stored layout, as stored, token dim)
+    used: dict[str, int] = {}        # elements of each tier's cache scratch handed out
     for seg in home.segments:
         at = st.attn_tier(seg.tier, i)
         if at == seg.tier:
-            src, seq_major = (seg.kq, seg.vq), False
-        else:
+            src, seq_major = ((seg.kq, seg.vq) if st.compress_cache else (seg.k, seg.v)), False
+        elif st.compress_cache:
             rows = working[seg.tier]
             src, seq_major = (rows.k, rows.v), rows.seq_major
+        else:
+            kv = working[seg.tier]   # (k view, v view, k as stored, v as stored)
+            src, seq_major = (kv[2], kv[3]), seg.tier == "disk"
         # decoded in the layout it is stored in (a strided output halves the decode rate);
         # attention reads a seq-major buffer through a [r, T, D] view
         shape, tok = ((total, seg.size, d), 0) if seq_major else ((seg.size, total, d), 1)   # tok: the token dim
+        space = st.scratch(("Xc", at))
         dense = []
         for q in src:
-            buf = st.tiers.empty(at, shape, st.dtype)
+            a = used.get(at, 0)
+            used[at] = a + seg.size * total * d
+            if used[at] > space.numel():
+                raise ExecutionError(f"the cache rows attended on {at} do not fit the plan's cache scratch; re-plan")
+            buf = space[a:used[at]].view(shape)
             if slot:
-                dequantize_into(q.narrow(tok, 0, slot), buf.narrow(tok, 0, slot))
+                _decode_into(q.narrow(tok, 0, slot), buf.narrow(tok, 0, slot))
             dense.append(buf.transpose(0, 1) if seq_major else buf)
             encode.append((buf, q, tok))
         segs.append((seg.rows, dense[0], dense[1]))
@@ -427,9 +482,23 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
     def finish() -> None:
         # this step's entries were used in full precision (as FlexGen does); now into their slots
         for buf, q, tok in encode:
-            quantize_into(buf.narrow(tok, slot, new), q.narrow(tok, slot, new))
+            _encode_into(buf.narrow(tok, slot, new), q.narrow(tok, slot, new))
 
     return segs, finish
+
+
+def _decode_into(stored, out: torch.Tensor) -> None:
+    if isinstance(stored, QTensor):
+        dequantize_into(stored, out)
+    else:
+        out.copy_(stored)           # from the storage dtype
+
+
+def _encode_into(dense: torch.Tensor, stored) -> None:
+    if isinstance(stored, QTensor):
+        quantize_into(dense, stored)
+    else:
+        stored.copy_(dense)         # rounded to the storage dtype
 
 
 # ---- stores --------------------------------------------------------------------------------
@@ -452,7 +521,7 @@ def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             continue
         k_view, v_view, k_raw, v_raw = working[seg.tier]
         if seg.tier == "disk":
-            row_bytes = (seg.rows.stop - seg.rows.start) * st.spec.head_dim * st.dtype.itemsize
+            row_bytes = (seg.rows.stop - seg.rows.start) * st.spec.head_dim * st.cache_dtype.itemsize
             st.tiers.write(seg.k_disk, k_raw[a:b], a * row_bytes)
             st.tiers.write(seg.v_disk, v_raw[a:b], a * row_bytes)
         else:

@@ -26,14 +26,23 @@ Compression and attention where the cache lives (policy flags) change sizes and 
 - ``compress_weight``: weights that :func:`~flexgraph.compress.quant.should_compress`
   accepts are stored 4-bit on their homes; ``Wh`` homes, ``load_weight`` moves and ``Wb``
   buffers are compressed bytes.  The compute decodes each matrix right before its product
-  (one at a time; the embedding only the rows of its tokens): its workspace ``X`` adds
-  :func:`weight_decode_bytes`.
+  (one at a time; the embedding only the rows of its tokens) into the decode scratch
+  ``Xw``, a static home on the compute tier sized for the largest matrix (one buffer for
+  the whole run: a fresh one per matrix is page-faulted in, 6x the time of the decoding;
+  a product's matrix is decoded a chunk of rows at a time, :func:`chunk_rows`);
+  its workspace ``X`` adds the decoder's temporaries (:func:`weight_decode_bytes`).
 - ``compress_cache``: ``Ch`` homes, ``load_cache`` moves, ``Cb`` buffers and
   ``store_cache`` moves are compressed bytes (K and V of a row and token grouped along the
   head dimension, :attr:`Sizes.kv_row_token_bytes`).  The compute decodes the prefix of
-  every row it attends to — loaded and home rows alike — into dense K/V, attends with this
-  step's new entries in full precision (as FlexGen does), then quantises them into their
-  slots: :func:`cache_decode_bytes` in the workspace of the tier the attention runs on.
+  every row it attends to — loaded and home rows alike — into dense K/V in the cache
+  scratch ``Xc`` of the tier the attention runs on (a static home sized for all the rows
+  attended there at the longest context, :func:`scratch_homes`), attends with this step's
+  new entries in full precision (as FlexGen does), then quantises them into their slots:
+  the quantiser's temporaries are :func:`cache_decode_bytes` in the workspace.
+- ``storage_dtype`` narrower than the working dtype (mixed precision) goes the same way:
+  weight matrices and the dense KV cache are stored, moved and held in working buffers
+  at the storage dtype's size; the compute converts each matrix into ``Xw`` and the
+  cached prefix into ``Xc`` (no temporaries), and writes the new entries back rounded.
 - ``cpu_cache_compute`` (with a gpu tier): at decode steps, attention over the rows
   homed on cpu runs on the cpu, in place (no ``load_cache`` of them, and their new entries
   are written by the compute, after the prefill's were stored: a rule-3 edge); rows homed
@@ -157,12 +166,12 @@ def check_policy_tiers(policy: Policy, has_gpu_tier: bool) -> None:
 
 
 def kv_row_token_bytes(spec: ModelSpec, policy: Policy) -> int:
-    """Stored bytes of K and V of one cache row for one token: dense, or with
-    ``compress_cache`` the 4-bit codes and per-group scale and minimum of each (grouped
-    along the head dimension, padded to whole groups)."""
+    """Stored bytes of K and V of one cache row for one token: dense in the storage
+    dtype, or with ``compress_cache`` the 4-bit codes and per-group scale and minimum of
+    each in the working dtype (grouped along the head dimension, padded to whole groups)."""
     if policy.compress_cache:
         return 2 * compressed_nbytes((1, spec.head_dim), policy.torch_dtype, CACHE_GROUP_DIM)
-    return 2 * spec.head_dim * policy.itemsize
+    return 2 * spec.head_dim * policy.store_itemsize
 
 
 def make_sizes(spec: ModelSpec, policy: Policy, has_gpu_tier: bool) -> Sizes:
@@ -214,57 +223,100 @@ def workspace_bytes(spec: ModelSpec, j: int, batch: int, new_tokens: int, contex
     return norm + batch * s * spec.intermediate_size * itemsize * 3
 
 
-HEAD_CHUNK_BYTES = 32 << 20    # a compressed output head is decoded this many bytes of rows at a time
+# A matrix kept compressed or narrower is decoded for a product a chunk of rows at a time
+# (flexgraph.exec.nodes): small chunks for a few tokens (decode), which stay in the
+# last-level cache for the product that reads them — decoding a whole 64 MiB matrix to
+# memory first made a decode-step product 2x slower than reading float32 — and large
+# ones for many tokens (prefill), where the product's efficiency wants wide chunks.
+SMALL_CHUNK_BYTES = 4 << 20
+LARGE_CHUNK_BYTES = 32 << 20
+SMALL_PRODUCT_TOKENS = 512
 
 
-def head_chunk_rows(cols: int, itemsize: int) -> int:
-    """Vocabulary rows of a compressed ``lm_head`` decoded at a time (whole groups)."""
-    return max(GROUP_SIZE, HEAD_CHUNK_BYTES // (cols * itemsize) // GROUP_SIZE * GROUP_SIZE)
+def chunk_rows(cols: int, itemsize: int, tokens: int) -> int:
+    """Rows of a ``[rows, cols]`` matrix decoded at a time for a product over ``tokens``
+    tokens (whole groups of 64, so a 4-bit matrix is sliced at group boundaries)."""
+    nbytes = SMALL_CHUNK_BYTES if tokens <= SMALL_PRODUCT_TOKENS else LARGE_CHUNK_BYTES
+    return max(GROUP_SIZE, nbytes // (cols * itemsize) // GROUP_SIZE * GROUP_SIZE)
 
 
 def matrix_decode_bytes(rows: int, cols: int, itemsize: int) -> int:
-    """What :func:`~flexgraph.compress.quant.dequantize` of a ``[rows, cols]`` matrix
-    grouped along its rows allocates: the dense output, one nibble plane of the codes at a
-    time (half a byte per padded element), and a padded last group decoded aside."""
+    """What :func:`~flexgraph.compress.quant.dequantize_into` of a ``[rows, cols]`` matrix
+    grouped along its rows allocates besides its output: one nibble plane of the codes at
+    a time (half a byte per padded element), and a padded last group decoded aside."""
     padded = num_groups(rows) * GROUP_SIZE
-    return rows * cols * itemsize + padded * cols // 2 + GROUP_SIZE * cols * (itemsize + 1)
+    return padded * cols // 2 + GROUP_SIZE * cols * (itemsize + 1)
 
 
-def weight_decode_bytes(spec: ModelSpec, j: int, itemsize: int, tokens: int) -> int:
-    """Upper bound of what decoding layer j's compressed weights allocates in its compute.
-
-    The executor decodes one matrix at a time, right before its product, and drops it
-    after (:mod:`flexgraph.exec.nodes`): the largest one counts.  The output head is
-    decoded :func:`head_chunk_rows` vocabulary rows at a time.  The embedding table is not
-    decoded whole: only the groups of 64 rows that hold this step's ``tokens``
-    (:func:`~flexgraph.compress.quant.dequantize_rows`), kept as a compact table for the
-    layer, so its bound adds to the largest other matrix.
-    """
-    e = itemsize
-    table = largest = 0
+def _decoded_matrices(spec: ModelSpec, j: int, itemsize: int):
+    """(rows, cols) of each matrix of layer j the compute decodes or converts at once: a
+    product's weight a chunk of at most :func:`chunk_rows` rows at a time; the
+    embedding layer's other matrices (learned positions are looked up, not multiplied)
+    whole; not the embedding table, of which only the rows of a step's tokens are."""
+    embed = spec.layer(j).kind == EMBED
     for w in spec.layer_weights(j):
-        if not should_compress(w.name, w.shape):
+        if not should_compress(w.name, w.shape) or (embed and w.name == spec.embed_tokens_name):
             continue
         rows, cols = w.shape[0], math.prod(w.shape[1:])
-        if spec.layer(j).kind == EMBED and w.name == spec.embed_tokens_name:
-            decoded = min(num_groups(rows) * GROUP_SIZE, GROUP_SIZE * tokens)
-            table = decoded * cols * (2 * e + 1) + tokens * (cols * e + 64)
-        else:
-            if w.name == "lm_head.weight":
-                rows = min(rows, head_chunk_rows(cols, e))
-            largest = max(largest, matrix_decode_bytes(rows, cols, e))
-    return table + largest
+        yield (rows if embed else min(rows, chunk_rows(cols, itemsize, SMALL_PRODUCT_TOKENS + 1))), cols
+
+
+def weight_scratch_bytes(spec: ModelSpec, itemsize: int) -> int:
+    """The decode scratch ``Xw``: the largest matrix (or chunk of one) any compute decodes
+    or converts at once, in the working dtype."""
+    return max((r * c for j in range(spec.num_layers) for r, c in _decoded_matrices(spec, j, itemsize)),
+               default=0) * itemsize
+
+
+def weight_decode_bytes(spec: ModelSpec, j: int, itemsize: int, tokens: int, store_itemsize: int | None = None) -> int:
+    """Upper bound of what decoding layer j's compressed weights — or, with
+    ``store_itemsize``, converting its matrices from the storage dtype — allocates in its
+    compute besides the scratch ``Xw`` the matrices are decoded into, one at a time.
+
+    4-bit: the decoder's temporaries for the largest matrix or chunk
+    (:func:`matrix_decode_bytes`).  The embedding table is not decoded whole: only the
+    rows of this step's ``tokens`` (4-bit: the groups of 64 rows that hold them,
+    :func:`~flexgraph.compress.quant.dequantize_rows`), kept as a compact table for the
+    layer; converting gathers the rows in the storage dtype first.
+    """
+    e = itemsize
+    table = 0
+    for w in spec.layer_weights(j):
+        if spec.layer(j).kind == EMBED and w.name == spec.embed_tokens_name and should_compress(w.name, w.shape):
+            cols = math.prod(w.shape[1:])
+            if store_itemsize:          # gathered in the storage dtype, then converted; unique ids
+                table = tokens * cols * (store_itemsize + e) + tokens * 3 * ID_BYTES
+            else:
+                decoded = min(num_groups(w.shape[0]) * GROUP_SIZE, GROUP_SIZE * tokens)
+                table = decoded * cols * (2 * e + 1) + tokens * (cols * e + 64)
+    if store_itemsize:
+        return table
+    return table + max((matrix_decode_bytes(r, c, e) for r, c in _decoded_matrices(spec, j, e)), default=0)
 
 
 def cache_decode_bytes(spec: ModelSpec, rows: int, new_tokens: int, context: int, itemsize: int) -> int:
     """Upper bound of what a compressed cache costs the compute of one attention layer for
-    ``rows`` cache rows attended on one tier: their decoded K and V (``[rows, context, D]``
-    each, which the attention reads and writes the new entries into), the decoder's
-    temporaries (one of K, V at a time, a padded last group included) and the quantiser's
-    for the new entries (padded copy, float32 groups, codes)."""
+    ``rows`` cache rows attended on one tier besides the dense K and V in the scratch
+    ``Xc``: the decoder's temporaries (one of K, V at a time, a padded last group
+    included) and the quantiser's for the new entries (padded copy, float32 groups,
+    codes)."""
     d, e = spec.head_dim, itemsize
     dp = num_groups(d) * GROUP_SIZE
-    return 2 * rows * context * d * e + rows * context * dp * (e + 1) + rows * new_tokens * dp * (e + 10)
+    return rows * context * dp * (e + 1) + rows * new_tokens * dp * (e + 10)
+
+
+def cache_scratch_bytes(spec: ModelSpec, workload: Workload, sz: Sizes) -> dict[str, int]:
+    """The cache scratch ``Xc`` per tier: dense K and V (``[rows, context, D]`` each, in
+    the working dtype) of every row attended on that tier, at the longest context it is
+    attended with — the prefill attends all rows on the compute tier at the prompt's
+    length, decode steps each tier's rows at up to ``cache_len``."""
+    per = 2 * spec.head_dim * sz.itemsize
+    out: dict[str, int] = {}
+    phases = [(False, workload.prompt_len)] + ([(True, workload.cache_len)] if workload.gen_len > 1 else [])
+    for decode, context in phases:
+        for tier, rows in sz.kv_attn_rows(decode).items():
+            out[tier] = max(out.get(tier, 0), rows * context * per)
+    return {t: n for t, n in out.items() if n}
 
 
 def offloaded_attention_bytes(spec: ModelSpec, rows: int, new_tokens: int, context: int, itemsize: int) -> int:
@@ -289,12 +341,27 @@ def offloaded_attention_moves(spec: ModelSpec, ct: str, tier: str, rows: int, ne
     return [(ct, tier, out + rows * s * context + 2 * rows * s * d * e), (tier, ct, out)]
 
 
+def scratch_homes(spec: ModelSpec, workload: Workload, policy: Policy, sz: Sizes) -> list[tuple[tuple, str, int]]:
+    """Buffers the compute reuses for the whole run, where weights or cache are kept
+    compressed or in a narrower storage dtype: ``Xw`` (one decoded matrix, on the compute
+    tier) and ``Xc`` per attention tier (the dense K and V attention reads)."""
+    out = []
+    if policy.compress_weight or policy.casts:
+        n = weight_scratch_bytes(spec, policy.itemsize)
+        if n:
+            out.append((("Xw",), sz.compute_tier, n))
+    if policy.compress_cache or policy.casts:
+        out += [(("Xc", t), t, n) for t, n in cache_scratch_bytes(spec, workload, sz).items()]
+    return out
+
+
 def static_homes(spec: ModelSpec, workload: Workload, policy: Policy, sz: Sizes,
                  placement=None) -> list[tuple[tuple, str, int]]:
-    """The homes that live for the whole block: weights of every layer on their tiers, and
-    the KV cache of every (attention layer, GPU batch), sized for all ``cache_len`` slots."""
+    """The homes that live for the whole block: weights of every layer on their tiers, the
+    KV cache of every (attention layer, GPU batch), sized for all ``cache_len`` slots, and
+    the decode scratches (:func:`scratch_homes`)."""
     placement = placement or policy_weight_placement(spec, policy)
-    homes: list[tuple[tuple, str, int]] = []
+    homes: list[tuple[tuple, str, int]] = scratch_homes(spec, workload, policy, sz)
     for j in range(spec.num_layers):
         for tier, nbytes in placement.bytes_per_tier[j].items():
             if nbytes:
@@ -404,6 +471,8 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
                 moves = []
                 if policy.compress_weight:
                     ws[ct] += weight_decode_bytes(spec, j, e, gbs * s)
+                elif policy.casts:
+                    ws[ct] += weight_decode_bytes(spec, j, e, gbs * s, policy.store_itemsize)
                 if kind == ATTN:
                     for at, rows in sz.kv_attn_rows(decode=i > 0).items():
                         if policy.compress_cache and rows:

@@ -16,7 +16,10 @@ Shapes (``B`` sequences, ``s`` new tokens, ``T`` keys so far, ``H`` hidden size,
   ``[B, 1, s, T]`` is built once and shared by its layers
 
 Weights come in as a mapping from *role* (the Hugging Face name with the model and block
-prefix removed, e.g. ``"self_attn.q_proj.weight"``) to tensor; see :func:`role_of`.
+prefix removed, e.g. ``"self_attn.q_proj.weight"``) to tensor; see :func:`role_of`.  A
+mapping that keeps weights in another form (4-bit, or a narrower dtype) may offer
+``linear(x, prefix)`` to compute a product without decoding the whole matrix first;
+every product goes through :func:`linear`.
 """
 
 from __future__ import annotations
@@ -70,6 +73,10 @@ def layer_norm(x: torch.Tensor, w: Weights, prefix: str, spec: ModelSpec) -> tor
 
 
 def linear(x: torch.Tensor, w: Weights, prefix: str) -> torch.Tensor:
+    # x: [..., K] -> [..., N] with the weight [N, K] of ``prefix``
+    product = getattr(w, "linear", None)
+    if product is not None:
+        return product(x, prefix)
     return F.linear(x, w[f"{prefix}.weight"], w.get(f"{prefix}.bias"))
 
 
@@ -129,7 +136,7 @@ def embed(spec: ModelSpec, w: Weights, ids: torch.Tensor, pos: torch.Tensor) -> 
     if spec.family == "llama":
         return x
     if spec.word_embed_proj_dim:
-        x = F.linear(x, w["project_in.weight"])
+        x = linear(x, w, "project_in")
     # OPT's learned positions are offset by 2; padding (valid-count 0) maps to index 1
     return x + F.embedding(pos + 2, w["embed_positions.weight"])
 
@@ -252,8 +259,8 @@ def head(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor:
         if spec.final_layer_norm:
             h = layer_norm(h, w, "final_layer_norm", spec)
         if spec.word_embed_proj_dim:
-            h = F.linear(h, w["project_out.weight"])
-    return F.linear(h, w["lm_head.weight"]).float()
+            h = linear(h, w, "project_out")
+    return linear(h, w, "lm_head").float()
 
 
 # ---- one attention layer over a cache split into row segments -------------------------------

@@ -8,6 +8,8 @@ Every node gets a duration from what the builder says it does:
   bandwidth`` — what bounds decode); attention at the calibrated prefill rate, or, for a
   decode step, the bytes of keys and values read at memory bandwidth; element-wise work
   (norms, RoPE, activations, residuals, sampling) as bytes at memory bandwidth;
+- plus, where the compute decodes 4-bit weights or cache or converts them from a narrower
+  storage dtype, that work at its calibrated rate;
 - plus the executor's per-node overhead.
 
 The path is then *replayed* like the executor runs it: each node starts when its lane
@@ -104,12 +106,43 @@ class CostModel:
 
     def __init__(self, spec: ModelSpec, cal: Calibration, itemsize: int,
                  corrections: dict[str, list[list[float]]] | None = None,
-                 compress_weight: bool = False, compress_cache: bool = False):
+                 compress_weight: bool = False, compress_cache: bool = False, storage_dtype: str | None = None):
         self.spec, self.cal, self.itemsize = spec, cal, itemsize
         self.corrections = corrections or {}
-        # 4-bit weights and cache are decoded on use, by every compute node that reads them
+        # 4-bit weights and cache are decoded on use, by every compute node that reads them;
+        # so are weights and cache kept in a narrower storage dtype (converted)
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
+        self.storage_dtype = storage_dtype
         self._compute_cache: dict[tuple, float] = {}
+        self._variants: dict[str | None, CostModel] = {storage_dtype: self}
+
+    def for_policy(self, policy) -> CostModel:
+        """This model for a policy's storage dtype (the same calibration and corrections;
+        compression is the model's own, fixed for a search)."""
+        key = policy.storage_dtype
+        got = self._variants.get(key)
+        if got is None:
+            got = CostModel(self.spec, self.cal, self.itemsize, self.corrections, self.compress_weight,
+                            self.compress_cache, key)
+            got._variants = self._variants
+            self._variants[key] = got
+        return got
+
+    def cast_time(self, j: int, batch: int, new: int, context: int) -> float:
+        """Seconds one compute node of layer j spends converting what is kept in the
+        storage dtype into the working dtype: every weight matrix but the embedding's
+        (only its tokens' rows are), and the K and V it attends to."""
+        if self.storage_dtype is None:
+            return 0.0
+        rate = self.cal.cast.get(self.storage_dtype, 0.0)
+        if rate <= 0:
+            return 0.0
+        layer, e, t = self.spec.layer(j), self.itemsize, 0.0
+        if not self.compress_weight and layer.kind != EMBED:
+            t += sum(w.numel for w in self.spec.layer_weights(j) if should_compress(w.name, w.shape)) * e / rate
+        if not self.compress_cache and layer.kind == ATTN:
+            t += 2 * batch * self.spec.num_kv_heads * self.spec.head_dim * context * e / rate
+        return t
 
     def decode_time(self, j: int, batch: int, new: int, context: int) -> float:
         """Seconds one compute node of layer j spends decoding 4-bit weights and cache (and
@@ -168,7 +201,7 @@ class CostModel:
             t = self.analytic_time(j, batch, new, context)
             if table:
                 t *= _interp(table, batch * new)
-        t += self.decode_time(j, batch, new, context)
+        t += self.decode_time(j, batch, new, context) + self.cast_time(j, batch, new, context)
         self._compute_cache[key] = t
         return t
 

@@ -59,6 +59,7 @@ class Knobs:
     cpu_cache_compute: bool = False
     prefetch: bool = True
     weights: Split | None = None      # fix only the weights' split (weights already placed)
+    storage_dtype: str | None = None  # weights' matrices and KV cache as kept (None: the search's or dtype)
 
 
 def capacities(hardware: dict) -> dict[str, int | None]:
@@ -73,6 +74,15 @@ def default_dtype(device: str, recalibrate: bool = False) -> str:
         return "float16"
     from flexgraph.calibrate import cpu_dtype_choice
     return cpu_dtype_choice(recalibrate).dtype
+
+
+def storage_choices(knobs: Knobs, dtype: str) -> list[str | None]:
+    """Storage dtypes the search weighs (None: as computed).  Where a CPU computes in
+    float32 (it multiplies bfloat16 slowly), keeping weights and cache in bfloat16 halves
+    every byte stored and moved for a conversion at each use; the cost model decides."""
+    if knobs.storage_dtype is not None:
+        return [knobs.storage_dtype]
+    return [None, "bfloat16"] if dtype == "float32" else [None]
 
 
 def dtype_notes(knobs: Knobs, device: str) -> list[str]:
@@ -94,11 +104,18 @@ def flag_notes(knobs: Knobs, has_gpu: bool) -> list[str]:
     if knobs.compress_cache:
         notes.append("KV cache: 4-bit group-wise (group 64 along the head dimension) on every tier; "
                      "each step's new entries are used in full precision, then quantised")
+    if knobs.storage_dtype:
+        notes.append(storage_note(knobs.storage_dtype))
     if knobs.cpu_cache_compute:
         notes.append("decode attention over the cache rows homed on cpu and disk runs on the cpu (the prefill's "
                      "on the gpu tier)" if has_gpu else
                      "--cpu-cache-compute has no effect without a gpu tier (attention already runs on the cpu)")
     return notes
+
+
+def storage_note(storage_dtype: str) -> str:
+    return (f"weight matrices and KV cache stored in {storage_dtype} on every tier, converted to the working "
+            "dtype where they are used (--storage-dtype)")
 
 
 def _splits(has_gpu: bool) -> list[Split]:
@@ -182,7 +199,7 @@ def plan_for_policy(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu
 
 def policy_flags(knobs: Knobs) -> dict[str, bool]:
     return {"compress_weight": knobs.compress_weight, "compress_cache": knobs.compress_cache,
-            "cpu_cache_compute": knobs.cpu_cache_compute}
+            "cpu_cache_compute": knobs.cpu_cache_compute, "storage_dtype": knobs.storage_dtype}
 
 
 def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Knobs):
@@ -273,9 +290,12 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
     sz = make_sizes(spec, policy, has_gpu)
     placement = policy_weight_placement(spec, policy)
     notes = notes + flag_notes(knobs, has_gpu) + dtype_notes(knobs, hardware.get("device", "cpu"))
+    if policy.storage_dtype and not knobs.storage_dtype:
+        notes.append(storage_note(policy.storage_dtype).replace("(--storage-dtype)", "(chosen by search; "
+                                                                 "--storage-dtype to choose)"))
     estimate = {}
     if cost_model is not None:
-        estimate = plan_estimate(graph, checked, cost_model, workload, policy)
+        estimate = plan_estimate(graph, checked, cost_model.for_policy(policy), workload, policy)
     chosen = {"by": "user" if complete else ("search" if candidates else "auto"), "notes": notes}
     if candidates:
         chosen["candidates"] = [{"policy": c.policy.to_json(), "estimated_throughput": c.throughput(workload),

@@ -2,7 +2,17 @@
 
 FlexGen-compatible knobs (``--percent W_GPU W_CPU KV_GPU KV_CPU ACT_GPU ACT_CPU``, disk
 gets the rest; ``--gpu-batch-size``; ``--num-gpu-batches``), the traversal
-(``row`` or ``zigzag``), and the working dtype.
+(``row`` or ``zigzag``), the working dtype, and the storage dtype.
+
+**Storage dtype** (``storage_dtype``, ``--storage-dtype``; None = the working dtype): the
+dtype weight matrices and the KV cache are *kept* in on every tier, converted to the
+working dtype where they are used — mixed precision, as llama.cpp keeps f16 weights and
+computes in f32, or vLLM's ``--kv-cache-dtype``.  It is for a CPU that multiplies
+bfloat16 slowly (AVX2: 0.14x float32's rate) but whose disk and memory move half the
+bytes of float32 in bfloat16: compute in float32, store in bfloat16.  The tensors it
+applies to are exactly those :func:`~flexgraph.compress.quant.should_compress` accepts
+(matrices; 1-D norms and biases and tiny tensors stay in the working dtype); K and V
+are rounded to it when written, and attention reads them as stored.
 
 Placement turns percentages into concrete homes:
 
@@ -77,6 +87,7 @@ class Policy:
     compress_weight: bool = False
     compress_cache: bool = False
     cpu_cache_compute: bool = False
+    storage_dtype: str | None = None      # weights' matrices and KV cache as kept; None = ``dtype``
 
     def __post_init__(self):
         if self.gpu_batch_size < 1 or self.num_gpu_batches < 1:
@@ -85,6 +96,14 @@ class Policy:
             raise PlanError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.dtype not in DTYPES:
             raise PlanError(f"unknown dtype {self.dtype!r}; use one of {', '.join(DTYPES)}")
+        if self.storage_dtype == self.dtype:
+            object.__setattr__(self, "storage_dtype", None)      # one spelling of "no conversion"
+        if self.storage_dtype is not None:
+            if self.storage_dtype not in DTYPES:
+                raise PlanError(f"unknown storage dtype {self.storage_dtype!r}; use one of {', '.join(DTYPES)}")
+            if DTYPES[self.storage_dtype].itemsize > DTYPES[self.dtype].itemsize:
+                raise PlanError(f"--storage-dtype {self.storage_dtype} is wider than the working dtype "
+                                f"{self.dtype}: it would move more bytes for no precision; leave it out")
 
     @property
     def block_size(self) -> int:
@@ -97,6 +116,20 @@ class Policy:
     @property
     def itemsize(self) -> int:
         return DTYPES[self.dtype].itemsize
+
+    @property
+    def store_torch_dtype(self) -> torch.dtype:
+        """The dtype weight matrices and the dense KV cache are kept in."""
+        return DTYPES[self.storage_dtype or self.dtype]
+
+    @property
+    def store_itemsize(self) -> int:
+        return self.store_torch_dtype.itemsize
+
+    @property
+    def casts(self) -> bool:
+        """Whether stored tensors are converted to the working dtype where they are used."""
+        return self.store_torch_dtype != self.torch_dtype
 
     def percent_args(self) -> list[float]:
         """The six numbers of FlexGen's ``--percent``."""
@@ -154,24 +187,30 @@ class WeightPlacement:
         return {t: 100.0 * tot[t] / total for t in TIERS}
 
 
-def stored_weight_bytes(w: WeightInfo, itemsize: int, compress: bool = False) -> int:
+def stored_weight_bytes(w: WeightInfo, itemsize: int, compress: bool = False, store_itemsize: int | None = None) -> int:
     """Bytes of one weight tensor as stored on its home tier: dense, or — with ``compress``
     and when :func:`~flexgraph.compress.quant.should_compress` accepts it — its 4-bit codes
     plus per-group scale and minimum in the working dtype (padding included, exactly what
-    :func:`~flexgraph.compress.quant.compressed_nbytes` gives)."""
-    if compress and should_compress(w.name, w.shape):
-        return compressed_itemsize_nbytes(w.shape, itemsize, WEIGHT_GROUP_DIM)
+    :func:`~flexgraph.compress.quant.compressed_nbytes` gives).  A dense matrix that
+    ``should_compress`` accepts is kept in the storage dtype (``store_itemsize``, default
+    the working dtype's ``itemsize``); other tensors in the working dtype."""
+    if should_compress(w.name, w.shape):
+        if compress:
+            return compressed_itemsize_nbytes(w.shape, itemsize, WEIGHT_GROUP_DIM)
+        return w.numel * (store_itemsize or itemsize)
     return w.numel * itemsize
 
 
-def placed_weight_bytes(spec: ModelSpec, itemsize: int, compress: bool = False) -> int:
+def placed_weight_bytes(spec: ModelSpec, itemsize: int, compress: bool = False,
+                        store_itemsize: int | None = None) -> int:
     """Bytes of every layer's weight homes together, as :func:`weight_placement` places
     them: a tied embedding has a home in both its layers, so it counts twice."""
-    return sum(stored_weight_bytes(w, itemsize, compress) for j in range(spec.num_layers)
+    return sum(stored_weight_bytes(w, itemsize, compress, store_itemsize) for j in range(spec.num_layers)
                for w in spec.layer_weights(j))
 
 
-def weight_placement(spec: ModelSpec, split: Split, itemsize: int, compress: bool = False) -> WeightPlacement:
+def weight_placement(spec: ModelSpec, split: Split, itemsize: int, compress: bool = False,
+                     store_itemsize: int | None = None) -> WeightPlacement:
     """FlexGen's rule: within each layer, a tensor's home is chosen by the midpoint of its
     cumulative byte range against the gpu / cpu / disk percentage boundaries.  Byte sizes
     are the stored ones (compressed with ``compress``), so the achieved split is in real bytes."""
@@ -179,7 +218,7 @@ def weight_placement(spec: ModelSpec, split: Split, itemsize: int, compress: boo
     tiers, per_tier = [], []
     for j in range(spec.num_layers):
         ws = spec.layer_weights(j)
-        sizes = [stored_weight_bytes(w, itemsize, compress) for w in ws]
+        sizes = [stored_weight_bytes(w, itemsize, compress, store_itemsize) for w in ws]
         total = sum(sizes) or 1
         acc, assigned, by = 0, [], {t: 0 for t in TIERS}
         for w, size in zip(ws, sizes):
@@ -194,5 +233,12 @@ def weight_placement(spec: ModelSpec, split: Split, itemsize: int, compress: boo
 
 
 def policy_weight_placement(spec: ModelSpec, policy: Policy) -> WeightPlacement:
-    """The weight placement of a policy (its split, dtype and weight compression)."""
-    return weight_placement(spec, policy.weights, policy.itemsize, policy.compress_weight)
+    """The weight placement of a policy (its split, dtypes and weight compression)."""
+    return weight_placement(spec, policy.weights, policy.itemsize, policy.compress_weight, policy.store_itemsize)
+
+
+def weight_store_dtype(policy: Policy, w: WeightInfo) -> torch.dtype:
+    """The dtype a dense (not 4-bit) weight is kept in under ``policy``: the storage dtype
+    for the matrices :func:`~flexgraph.compress.quant.should_compress` accepts, else the
+    working dtype."""
+    return policy.store_torch_dtype if should_compress(w.name, w.shape) else policy.torch_dtype

@@ -1,6 +1,8 @@
 """Policy search: the batch shape, schedule and placement with the best estimated throughput.
 
-For each batch shape (GPU batch size x number of GPU batches, powers of two) the
+For each batch shape (GPU batch size x number of GPU batches, powers of two) and storage
+dtype (:func:`~flexgraph.plan.planner.storage_choices`: float32 or bfloat16 where the CPU
+computes in float32) the
 placement fractions come from FlexGen's linear program (paper section 4.3), solved with
 scipy's HiGHS: variables are the fractions of weights, KV cache and activations on each
 tier; each lane's time per layer (the weight loads of a column, the cache loads and
@@ -28,7 +30,8 @@ from flexgraph.log import get_logger
 from flexgraph.models.spec import ATTN, ModelSpec
 from flexgraph.plan.cost import CostModel, Estimate, simulate
 from flexgraph.plan.policy import TIERS, Policy, Split, placed_weight_bytes
-from flexgraph.plan.planner import Knobs, capacities, default_dtype, plan_for_policy, policy_flags, working_set
+from flexgraph.plan.planner import (Knobs, capacities, default_dtype, plan_for_policy, policy_flags, storage_choices,
+                                    working_set)
 
 log = get_logger(__name__)
 MAX_GPU_BATCH = 1024
@@ -85,7 +88,7 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
     P, G = workload.prompt_len, workload.gen_len
     L = spec.num_layers
     n_attn = spec.num_blocks
-    w_total = placed_weight_bytes(spec, e, base.compress_weight)         # as the homes are placed
+    w_total = placed_weight_bytes(spec, e, base.compress_weight, base.store_itemsize)   # as the homes are placed
     w_layer = w_total / L                                                # average weight bytes per layer
     sz = make_sizes(spec, replace(base, weights=Split(0, 100), cache=Split(0, 100), activations=Split(0, 100)),
                     has_gpu)
@@ -191,7 +194,7 @@ def _rough_allowance(spec: ModelSpec, workload: Workload, base: Policy, has_gpu:
     """Working set on the compute tier, roughly: two layers of weights in flight and the
     prefill activations of every GPU batch (the real one is measured for the finalists)."""
     e = base.itemsize
-    biggest = max(sum(w.numel for w in spec.layer_weights(j)) for j in range(spec.num_layers)) * e
+    biggest = max(sum(w.numel for w in spec.layer_weights(j)) for j in range(spec.num_layers)) * base.store_itemsize
     acts = 2 * base.block_size * workload.prompt_len * spec.hidden_size * e
     return {"gpu" if has_gpu else "cpu": 2 * biggest + acts}
 
@@ -206,16 +209,18 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
     ranked: list[tuple[float, Policy]] = []
     for gbs, ngb in batch_shapes(workload, knobs):
         for schedule in ([knobs.schedule] if knobs.schedule else ["zigzag"] if ngb > 1 else ["row"]):
-            base = Policy(gbs, ngb, off, off, off, schedule=schedule, dtype=dtype, **policy_flags(knobs))
-            if knobs.percent is not None:
-                ranked.append((0.0, base))
-                continue
-            # first pass: a rough working-set allowance, just to rank the batch shapes
-            solved = lp_placement(spec, workload, base, has_gpu, cap, model, _rough_allowance(spec, workload, base,
-                                                                                            has_gpu))
-            if solved is not None:
-                blocks = math.ceil(workload.num_prompts / base.block_size)
-                ranked.append((solved[1] * blocks, base))
+            for storage in storage_choices(knobs, dtype):
+                base = Policy(gbs, ngb, off, off, off, schedule=schedule, dtype=dtype,
+                              **{**policy_flags(knobs), "storage_dtype": storage})
+                if knobs.percent is not None:
+                    ranked.append((0.0, base))
+                    continue
+                # first pass: a rough working-set allowance, just to rank the batch shapes
+                solved = lp_placement(spec, workload, base, has_gpu, cap, model.for_policy(base),
+                                      _rough_allowance(spec, workload, base, has_gpu))
+                if solved is not None:
+                    blocks = math.ceil(workload.num_prompts / base.block_size)
+                    ranked.append((solved[1] * blocks, base))
     ranked.sort(key=lambda x: x[0])
     evaluated: list[Candidate] = []
     for _rough, base in ranked[:max(top, FULL_CHECKS)]:
@@ -226,7 +231,7 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
         else:
             # second pass: the measured working set of this shape
             allowance = working_set(spec, workload, base, has_gpu, knobs.prefetch)
-            solved = lp_placement(spec, workload, base, has_gpu, cap, model, allowance)
+            solved = lp_placement(spec, workload, base, has_gpu, cap, model.for_policy(base), allowance)
             if solved is None:
                 continue
             (w, c, a), seconds = solved
@@ -237,7 +242,8 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
             if knobs.percent is None and knobs.weights is None:
                 cand.policy = _fit_weights(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
             _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
-            cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap, model, knobs.prefetch, overlap)
+            cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap, model.for_policy(cand.policy),
+                                      knobs.prefetch, overlap)
         except RuleViolation as e:
             cand.error = str(e)
         evaluated.append(cand)
@@ -293,7 +299,7 @@ def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: b
     """The LP's fractions are continuous and its working set an allowance; weights are placed
     a whole layer at a time and rounded to percent.  Where that overshoots a tier, move
     weights one tier down (gpu -> cpu -> disk) by the overshoot, a few times at most."""
-    layer_bytes = placed_weight_bytes(spec, policy.itemsize, policy.compress_weight)
+    layer_bytes = placed_weight_bytes(spec, policy.itemsize, policy.compress_weight, policy.store_itemsize)
     for _ in range(8):
         over = _overshoot(spec, workload, policy, has_gpu, cap, prefetch)
         if over is None or over[0] == "disk":

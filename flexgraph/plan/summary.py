@@ -25,7 +25,8 @@ def plan_summary(plan: Plan) -> str:
         f"model      {plan.model.get('name')} ({plan.model.get('kind')}{', dummy' if plan.model.get('dummy') else ''})",
         f"workload   {wl.num_prompts} prompts x {wl.prompt_len} tokens, generate {wl.gen_len}",
         f"policy     gpu batch {pol.gpu_batch_size} x {pol.num_gpu_batches} GPU batches = block of "
-        f"{pol.block_size} ({blocks} block{'s' if blocks != 1 else ''}), {pol.schedule} schedule, {pol.dtype}, "
+        f"{pol.block_size} ({blocks} block{'s' if blocks != 1 else ''}), {pol.schedule} schedule, {pol.dtype}"
+        + (f" (stored {pol.storage_dtype})" if pol.storage_dtype else "") + ", "
         f"prefetch {'on' if plan.prefetch else 'off'}"
         + "".join(f", {what}" for on, what in ((pol.compress_weight, "4-bit weights"),
                                                 (pol.compress_cache, "4-bit KV cache"),
@@ -47,12 +48,12 @@ def plan_summary(plan: Plan) -> str:
     out = "\n".join(head) + "\n\n" + _table(rows)
     cands = plan.chosen.get("candidates")
     if cands:
-        crow = [["#", "gpu batch", "GPU batches", "schedule", "--percent", "est. tokens/s", ""]]
+        crow = [["#", "gpu batch", "GPU batches", "schedule", "stored", "--percent", "est. tokens/s", ""]]
         for n, c in enumerate(cands, 1):
             p = c["policy"]
             pct = p["weights"][:2] + p["cache"][:2] + p["activations"][:2]
             crow.append([str(n), str(p["gpu_batch_size"]), str(p["num_gpu_batches"]), p["schedule"],
-                         " ".join(f"{x:g}" for x in pct), f"{c['estimated_throughput']:.1f}",
+                         p.get("storage_dtype") or p["dtype"], " ".join(f"{x:g}" for x in pct), f"{c['estimated_throughput']:.1f}",
                          "rejected: " + c["rejected"][:40] if c.get("rejected") else ""])
         out += "\n\ncandidates (best first)\n" + _table(crow)
     est = plan.estimate
