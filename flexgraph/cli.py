@@ -200,7 +200,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_execute(args: argparse.Namespace) -> int:
-    from flexgraph import hugepages
+    from flexgraph import hugepages, malloc_threshold
     from flexgraph.exec.executor import ExecOptions
     from flexgraph.exec.run import load_prompts, run_plan
     from flexgraph.log import get_logger
@@ -209,8 +209,9 @@ def cmd_execute(args: argparse.Namespace) -> int:
 
     plan = load_plan(args.plan)
     huge = hugepages.choose(plan.residency["peak"]["cpu"], plan.residency["capacity"]["cpu"])
+    fixed = not huge and malloc_threshold.fix()          # tight: stop malloc's arenas hoarding
     get_logger("flexgraph.execute").info("huge_pages", on=huge, planned_peak=plan.residency["peak"]["cpu"],
-                                         capacity=plan.residency["capacity"]["cpu"])
+                                         capacity=plan.residency["capacity"]["cpu"], malloc_threshold_fixed=fixed)
     ref = ModelRef.from_json(plan.model)
     # dummy weights are made in the dtype the plan keeps them in (read in place, not converted)
     store = materialize(ref, dtype=plan.policy.store_torch_dtype if ref.dummy else None)

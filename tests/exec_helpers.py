@@ -18,6 +18,27 @@ from hf_tiny import hf_greedy, padded_prompts, tiny_model
 
 GiB = 1 << 30
 
+# The correctness matrix's cases, shared by every file that runs it (test_exec_matrix,
+# test_compression_exec, test_storage_dtype): two families, 8 prompts of different
+# lengths, and the placements (--percent, simulated gpu tier).
+FAMILIES = ["opt-350m-shape", "llama3-rope-scaling-gqa4"]
+LENGTHS = [7, 3, 5, 1, 6, 2, 7, 4]
+GEN = 5
+PLACEMENTS = {
+    "all-cpu": ((0, 100, 0, 100, 0, 100), None),
+    "weights-30-30-40": ((30, 30, 0, 100, 100, 0), 1 * GiB),
+    "cache-0-50-50": ((0, 100, 0, 50, 0, 100), None),
+    "activations-on-disk": ((0, 100, 0, 100, 0, 0), None),
+    "mixed": ((20, 40, 30, 30, 40, 30), 1 * GiB),
+}
+
+
+def assert_peaks_within_plan(report) -> None:
+    """Every tier's measured peak <= what the run granted <= what the plan counted <= the
+    tier's capacity (a tier the plan put nothing on is exempt)."""
+    for tier, p in report.metrics["peak_memory"].items():
+        assert p["measured"] <= p["granted"] <= p["planned"] <= (p["capacity"] or 0) or p["planned"] == 0, (tier, p)
+
 
 def tiny_store(name: str, tmp: Path):
     """(transformers model, WeightStore) with the same float32 weights."""

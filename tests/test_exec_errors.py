@@ -2,7 +2,6 @@
 removed, finished blocks' results intact, nothing half-written, resumable."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -8,21 +8,9 @@ off; prefetch on and off.
 """
 
 import pytest
-import torch
 
-from exec_helpers import GiB, prompts_of, run_tiny, tiny_case
+from exec_helpers import FAMILIES, GEN, LENGTHS, PLACEMENTS, assert_peaks_within_plan, prompts_of, run_tiny, tiny_case
 
-FAMILIES = ["opt-350m-shape", "llama3-rope-scaling-gqa4"]
-LENGTHS = [7, 3, 5, 1, 6, 2, 7, 4]       # 8 prompts of different lengths
-GEN = 5
-
-PLACEMENTS = {                           # --percent, simulated gpu tier
-    "all-cpu": ((0, 100, 0, 100, 0, 100), None),
-    "weights-30-30-40": ((30, 30, 0, 100, 100, 0), 1 * GiB),
-    "cache-0-50-50": ((0, 100, 0, 50, 0, 100), None),
-    "activations-on-disk": ((0, 100, 0, 100, 0, 0), None),
-    "mixed": ((20, 40, 30, 30, 40, 30), 1 * GiB),
-}
 SHAPES = [(1, 1), (2, 3), (4, 2)]
 
 
@@ -53,9 +41,7 @@ def test_placements_and_batch_shapes(family, placement, shape):
         assert report.metrics["disk_io"]["write_bytes"] > 0
     if gpu_mem:
         assert moved.get("cpu->gpu", 0) > 0 and moved.get("disk->gpu", 0) > 0
-    peak = report.metrics["peak_memory"]
-    for tier, p in peak.items():
-        assert p["measured"] <= p["granted"] <= p["planned"] <= (p["capacity"] or 0) or p["planned"] == 0
+    assert_peaks_within_plan(report)
 
 
 @pytest.mark.parametrize("schedule", ["row", "zigzag"])

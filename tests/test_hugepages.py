@@ -3,12 +3,13 @@ cap, and the user's own setting always wins."""
 
 import json
 import os
+import platform
 import subprocess
 import sys
 
 import pytest
 
-from flexgraph import hugepages
+from flexgraph import hugepages, malloc_threshold
 from test_exec_errors import model, plan, write_prompts  # noqa: F401  (the module-scoped tiny store)
 
 
@@ -27,14 +28,14 @@ def test_the_users_setting_wins(monkeypatch):
     assert hugepages.choose(99, 100) is True
 
 
-def _execute_choice(plan_path, prompts, out, env) -> bool:
+def _execute_choice(plan_path, prompts, out, env) -> dict:
     cmd = [sys.executable, "-m", "flexgraph.cli", "--log-format", "json", "execute", str(plan_path),
            "--prompts", str(prompts), "--out", str(out)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     events = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     (choice,) = [e for e in events if e["event"] == "huge_pages"]
-    return choice["on"]
+    return choice
 
 
 def test_execute_decides_before_running(model, tmp_path):  # noqa: F811
@@ -42,5 +43,11 @@ def test_execute_decides_before_running(model, tmp_path):  # noqa: F811
     p = plan(store, tmp_path)                         # a tiny model in 2 GiB: plenty of room
     prompts = write_prompts(tmp_path / "prompts.jsonl", 4)
     env = {k: v for k, v in os.environ.items() if k != hugepages.ENV}
-    assert _execute_choice(p, prompts, tmp_path / "a.jsonl", env) is True
-    assert _execute_choice(p, prompts, tmp_path / "b.jsonl", {**env, hugepages.ENV: "0"}) is False
+    roomy = _execute_choice(p, prompts, tmp_path / "a.jsonl", env)
+    assert roomy["on"] is True and roomy["malloc_threshold_fixed"] is False
+    tight = _execute_choice(p, prompts, tmp_path / "b.jsonl", {**env, hugepages.ENV: "0"})
+    # without huge pages (a tight run) malloc's threshold is fixed, unless the user set it
+    assert tight["on"] is False and tight["malloc_threshold_fixed"] is (platform.libc_ver()[0] == "glibc")
+    own = _execute_choice(p, prompts, tmp_path / "c.jsonl", {**env, hugepages.ENV: "0",
+                                                              malloc_threshold.ENV: str(4 << 20)})
+    assert own["malloc_threshold_fixed"] is False

@@ -21,7 +21,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from exec_helpers import GiB, prompts_of, run_tiny, tiny_store
+from exec_helpers import FAMILIES, GEN, LENGTHS, PLACEMENTS, assert_peaks_within_plan, prompts_of, run_tiny, tiny_store
 from flexgraph.calibrate import Calibration
 from flexgraph.cli import main
 from flexgraph.compress.quant import should_compress
@@ -35,16 +35,6 @@ from flexgraph.plan.policy import Policy, Split
 from flexgraph.plan.search import search_policy
 from hf_tiny import padded_prompts
 
-FAMILIES = ["opt-350m-shape", "llama3-rope-scaling-gqa4"]
-LENGTHS = [7, 3, 5, 1, 6, 2, 7, 4]
-GEN = 5
-PLACEMENTS = {                           # --percent, simulated gpu tier (as in test_exec_matrix)
-    "all-cpu": ((0, 100, 0, 100, 0, 100), None),
-    "weights-30-30-40": ((30, 30, 0, 100, 100, 0), 1 * GiB),
-    "cache-0-50-50": ((0, 100, 0, 50, 0, 100), None),
-    "activations-on-disk": ((0, 100, 0, 100, 0, 0), None),
-    "mixed": ((20, 40, 30, 30, 40, 30), 1 * GiB),
-}
 ON_DISK = (0, 0, 0, 0, 0, 100)           # weights and cache on disk, activations in RAM
 # Float32 rounding differs with the batch shape, and now and then it moves a K or V
 # element across a bfloat16 rounding boundary: one such flip moved a logit by 6e-4 (most
@@ -107,8 +97,7 @@ def _run(family, **kw):
 def test_bfloat16_storage_matches_transformers_on_the_same_weights(family, placement, shape):
     percent, gpu_mem = PLACEMENTS[placement]
     report, _plan = _run(family, gbs=shape[0], ngb=shape[1], percent=percent, gpu_mem=gpu_mem)
-    for tier, p in report.metrics["peak_memory"].items():
-        assert p["measured"] <= p["granted"] <= p["planned"] <= (p["capacity"] or 0) or p["planned"] == 0, tier
+    assert_peaks_within_plan(report)
 
 
 @pytest.mark.parametrize("schedule", ["row", "zigzag"])

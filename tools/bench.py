@@ -137,7 +137,8 @@ def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compr
     ran = cg.run_capped(_flexgraph_cmd("execute", str(plan), "--metrics", str(metrics), "--show", "0"), cap,
                         capture_output=True, drop_caches=True, timeout=timeout)
     if ran.returncode != 0:
-        return Row(sc.name, system, None, {"ok": False, "oom": ran.oom_killed, "reason": _last_error(ran.stderr),
+        reason = f"OOM-killed by the {sc.cap} cap" if ran.oom_killed else _last_error(ran.stderr)
+        return Row(sc.name, system, None, {"ok": False, "oom": ran.oom_killed, "reason": reason,
                                            "cgroup_peak": ran.peak_bytes})
     m = json.loads(metrics.read_text())
     p = json.loads(plan.read_text())

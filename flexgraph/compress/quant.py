@@ -266,16 +266,19 @@ def to_bytes_layout(q: QTensor) -> torch.Tensor:
 
 
 def qtensor_empty(shape, dtype: torch.dtype, group_dim: int, group_size: int = GROUP_SIZE,
-                  device="cpu", pin_memory: bool = False) -> QTensor:
+                  device="cpu", pin_memory: bool = False, empty=None) -> QTensor:
     """Three separately allocated, uninitialised buffers for a compressed ``shape`` tensor.
 
     For a cache, ``shape`` is the whole cache (``[S, rows, D]`` on disk, ``[rows, S, D]``
     in memory) with ``group_dim=-1``; tokens are written with :func:`quantize_into` into
     ``q.narrow(seq_dim, t, n)`` and a prefix read as ``q.narrow(seq_dim, 0, T)``.
+    ``empty(shape, dtype)``, if given, makes each buffer (a pool's working copies).
     """
     gd = _norm_dim(shape, group_dim)
 
     def alloc(s, dt):
+        if empty is not None:
+            return empty(s, dt)
         return torch.empty(s, dtype=dt, device=device, pin_memory=pin_memory)
 
     return QTensor(alloc(packed_shape(shape, gd, group_size), torch.uint8), alloc(scale_shape(shape, gd, group_size), dtype),

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -204,6 +204,7 @@ class Executor:
         self.state = None
         self.disk.close()
         self.tiers.cleanup()
+        self.tiers.pool.clear()
 
     def __enter__(self) -> Executor:
         self.setup()

@@ -45,6 +45,7 @@ import torch
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, WEIGHT_GROUP_DIM, QLayout, QTensor, qlayout, qtensor_empty,
                                       quantize_into, should_compress, to_bytes_layout)
 from flexgraph.errors import ExecutionError
+from flexgraph.exec.bufpool import BufferPool
 from flexgraph.exec.diskio import DiskIO, aligned_empty
 from flexgraph.log import get_logger
 from flexgraph.models.layers import role_of
@@ -108,6 +109,7 @@ class Tiers:
         self._offload_root = Path(offload_dir)
         self.run_dir: Path | None = None
         self._pin = device == "cuda"
+        self.pool = BufferPool()                 # working copies on the CPU (see bufpool)
 
     def torch_device(self, tier: str) -> torch.device:
         if tier == "gpu" and self.device == "cuda":
@@ -121,6 +123,19 @@ class Tiers:
         if self.torch_device(tier).type == "cpu" and not pin:
             return aligned_empty(shape, dtype)          # page-aligned: disk reads can bypass the cache
         return torch.empty(tuple(shape), dtype=dtype, device=self.torch_device(tier), pin_memory=pin)
+
+    def working(self, tier: str, shape, dtype: torch.dtype) -> torch.Tensor:
+        """Like :meth:`empty`, for a node's working copy that lives a few nodes: on the
+        CPU (unpinned) it is cut from the run's :class:`BufferPool`, reusing idle memory."""
+        if tier != "disk" and self.torch_device(tier).type == "cpu" and not (self._pin and tier == "cpu"):
+            return self.pool.empty(shape, dtype)
+        return self.empty(tier, shape, dtype)
+
+    def working_q(self, tier: str, shape, dtype: torch.dtype, group_dim: int) -> QTensor:
+        """Like :meth:`empty_q`, for a working copy (its buffers from the pool on the CPU)."""
+        if tier != "disk" and self.torch_device(tier).type == "cpu" and not (self._pin and tier == "cpu"):
+            return qtensor_empty(shape, dtype, group_dim, empty=self.pool.empty)
+        return self.empty_q(tier, shape, dtype, group_dim)
 
     def empty_q(self, tier: str, shape, dtype: torch.dtype, group_dim: int) -> QTensor:
         """Uninitialised buffers of a compressed ``shape`` tensor on a memory tier."""

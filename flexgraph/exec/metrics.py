@@ -64,7 +64,8 @@ def overlap_and_overhead(spans: dict[str, list[tuple[float, float, str]]], windo
 
 
 def build_metrics(*, workload, policy, timings, num_sequences: int, memory_stats, measured_peak: dict[str, int],
-                  planned: dict, disk_stats, moved: dict, lanes: dict, spans: dict, setup_seconds: float) -> dict:
+                  planned: dict, disk_stats, moved: dict, lanes: dict, spans: dict, setup_seconds: float,
+                  pool_stats=None) -> dict:
     prefill = sum(t.prefill_end - t.start for t in timings)
     decode = sum(t.end - t.prefill_end for t in timings)
     n = num_sequences
@@ -85,6 +86,9 @@ def build_metrics(*, workload, policy, timings, num_sequences: int, memory_stats
         "bytes_moved": {f"{a}->{b}": v for (a, b), v in sorted(moved.items())},
         "disk_io": {"read_bytes": disk_stats.read_bytes, "write_bytes": disk_stats.write_bytes,
                     "read_seconds": disk_stats.read_seconds, "write_seconds": disk_stats.write_seconds},
+        "buffer_pool": None if pool_stats is None else {
+            "buffers": pool_stats.buffers, "held_bytes": pool_stats.held_bytes, "hits": pool_stats.hits,
+            "misses": pool_stats.misses, "evicted": pool_stats.evicted},
         "lanes": {name: {"busy_seconds": s.busy_seconds, "items": s.items} for name, s in lanes.items()},
         "overlap_ratio": overlap,
         "executor_overhead": overhead,

@@ -23,8 +23,8 @@ home.
 
 A storage dtype narrower than the working one (``--storage-dtype``) goes the same way:
 weight matrices stay in it in homes and working buffers and ``compute`` converts each
-right before its product (:class:`_Decoded`; the embedding only its tokens' rows, the
-head a chunk of rows at a time); the dense cache is kept, loaded and stored in it, and
+right before its product, a chunk of rows at a time (:class:`_Decoded`; the embedding
+only its tokens' rows); the dense cache is kept, loaded and stored in it, and
 ``compute`` converts the prefix it attends to into dense buffers and writes the new
 entries back, rounded, after the attention used them.
 
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +54,7 @@ from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize_into,
                                       qtensor_from_bytes, quantize_into)
 from flexgraph.errors import ExecutionError
 from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
+from flexgraph.graph.builder import chunk_rows
 from flexgraph.models import layers as L
 from flexgraph.models.forward import EAGER, compute_layer
 from flexgraph.models.sampling import SamplingParams, sample
@@ -187,17 +188,17 @@ def load_weight(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             continue
         if home.qdisk is not None:          # compressed: one read of its bytes, viewed as a QTensor
             lay = home.qdisk.layout
-            raw = st.tiers.empty(st.ct, (lay.nbytes,), torch.uint8)
+            raw = st.tiers.working(st.ct, (lay.nbytes,), torch.uint8)
             st.tiers.read(home.qdisk.whole(), raw)
             t = qtensor_from_bytes(raw, lay.shape, lay.dtype, lay.group_dim, lay.group_size)
         elif home.q is not None:
-            t = st.tiers.empty_q(st.ct, home.q.shape, home.q.dtype, home.q.group_dim)
+            t = st.tiers.working_q(st.ct, home.q.shape, home.q.dtype, home.q.group_dim)
             t.copy_(home.q)
         elif home.tier == "disk":
-            t = st.tiers.empty(st.ct, home.disk.shape, home.disk.dtype)
+            t = st.tiers.working(st.ct, home.disk.shape, home.disk.dtype)
             st.tiers.read(home.disk, t)
         else:
-            t = st.tiers.empty(st.ct, home.tensor.shape, home.tensor.dtype)
+            t = st.tiers.working(st.ct, home.tensor.shape, home.tensor.dtype)
             t.copy_(home.tensor, non_blocking=True)
         buf[role] = t
         size += t.nbytes if isinstance(t, QTensor) else _nbytes(t)
@@ -230,14 +231,14 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
         if st.compress_cache:
             if seg.tier == "disk":
                 # seq-major [T, r, D]: the prefix of each of the three parts is one contiguous read
-                kq = st.tiers.empty_q(at, (total, r, d), st.dtype, CACHE_GROUP_DIM)
-                vq = st.tiers.empty_q(at, (total, r, d), st.dtype, CACHE_GROUP_DIM)
+                kq = st.tiers.working_q(at, (total, r, d), st.dtype, CACHE_GROUP_DIM)
+                vq = st.tiers.working_q(at, (total, r, d), st.dtype, CACHE_GROUP_DIM)
                 st.tiers.read_q(seg.kq_disk, kq, prefix)
                 st.tiers.read_q(seg.vq_disk, vq, prefix)
                 buf[seg.tier] = _QRows(kq, vq, True)
             else:
-                kq = st.tiers.empty_q(at, (r, total, d), st.dtype, CACHE_GROUP_DIM)
-                vq = st.tiers.empty_q(at, (r, total, d), st.dtype, CACHE_GROUP_DIM)
+                kq = st.tiers.working_q(at, (r, total, d), st.dtype, CACHE_GROUP_DIM)
+                vq = st.tiers.working_q(at, (r, total, d), st.dtype, CACHE_GROUP_DIM)
                 if prefix:
                     kq.narrow(1, 0, prefix).copy_(seg.kq.narrow(1, 0, prefix))
                     vq.narrow(1, 0, prefix).copy_(seg.vq.narrow(1, 0, prefix))
@@ -246,15 +247,15 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             continue
         if seg.tier == "disk":
             # seq-major [T, r, D]: the prefix is one contiguous read
-            kb = st.tiers.empty(at, (total, r, d), st.cache_dtype)
-            vb = st.tiers.empty(at, (total, r, d), st.cache_dtype)
+            kb = st.tiers.working(at, (total, r, d), st.cache_dtype)
+            vb = st.tiers.working(at, (total, r, d), st.cache_dtype)
             nb = prefix * r * d * st.cache_dtype.itemsize
             st.tiers.read(seg.k_disk, kb, nb)
             st.tiers.read(seg.v_disk, vb, nb)
             buf[seg.tier] = (kb.permute(1, 0, 2), vb.permute(1, 0, 2), kb, vb)
         else:
-            kb = st.tiers.empty(at, (r, total, d), st.cache_dtype)
-            vb = st.tiers.empty(at, (r, total, d), st.cache_dtype)
+            kb = st.tiers.working(at, (r, total, d), st.cache_dtype)
+            vb = st.tiers.working(at, (r, total, d), st.cache_dtype)
             if prefix:
                 kb[:, :prefix].copy_(seg.k[:, :prefix], non_blocking=True)
                 vb[:, :prefix].copy_(seg.v[:, :prefix], non_blocking=True)
@@ -268,7 +269,7 @@ def load_hidden(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     parts = st.buffers[keys[("Hh", i, j - 1, k)]]
     kept = st.buffers.get(keys.get(("Hk", i, j - 1, k)))
     shape, dtype = parts["shape"], parts["dtype"]
-    full = st.tiers.empty(st.ct, shape, dtype)
+    full = st.tiers.working(st.ct, shape, dtype)
     for tier, rows in st.act_ranges.items():
         if tier == st.ct:
             full[rows].copy_(kept)
@@ -378,7 +379,6 @@ class _Decoded(Mapping):
 
     def linear(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         # x: [..., K] -> [..., N], the weight [N, K] decoded a chunk of rows at a time
-        from flexgraph.graph.builder import chunk_rows
         t, bias = self._w[f"{prefix}.weight"], self._w.get(f"{prefix}.bias")
         if not isinstance(t, QTensor) and t.dtype == self._dtype:
             return F.linear(x, t, bias)
@@ -545,7 +545,7 @@ def store_hidden(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             parts[tier] = dt
             sizes["disk"] = dt.nbytes
         else:
-            t = st.tiers.empty(tier, h[rows].shape, h.dtype)
+            t = st.tiers.working(tier, h[rows].shape, h.dtype)
             t.copy_(h[rows], non_blocking=True)
             parts[tier] = t
             sizes[tier] = _nbytes(t)

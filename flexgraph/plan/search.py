@@ -79,7 +79,6 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
 
     ct = "gpu" if has_gpu else "cpu"
     tiers = [t for t in TIERS if t != "gpu" or has_gpu]
-    nt = len(tiers)
     kinds = ("w", "c", "a")
     idx = {(kd, t): n for n, (kd, t) in enumerate((kd, t) for kd in kinds for t in tiers)}
     nv = len(idx) + 2                        # + T_prefill, T_decode (per layer-column)
