@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from flexgraph.exec.executor import ExecOptions
@@ -20,7 +21,7 @@ GiB = 1 << 30
 
 # The correctness matrix's cases, shared by every file that runs it (test_exec_matrix,
 # test_compression_exec, test_storage_dtype): two families, 8 prompts of different
-# lengths, and the placements (--percent, simulated gpu tier).
+# lengths, the placements (--percent, simulated gpu tier) and batch shapes (gbs x ngb).
 FAMILIES = ["opt-350m-shape", "llama3-rope-scaling-gqa4"]
 LENGTHS = [7, 3, 5, 1, 6, 2, 7, 4]
 GEN = 5
@@ -31,6 +32,17 @@ PLACEMENTS = {
     "activations-on-disk": ((0, 100, 0, 100, 0, 0), None),
     "mixed": ((20, 40, 30, 30, 40, 30), 1 * GiB),
 }
+SHAPES = [(1, 1), (2, 3), (4, 2)]
+
+
+def shape_id(shape) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+def each_schedule(test):
+    """Parametrize ``test`` over both schedules, with I/O overlapped and serial."""
+    test = pytest.mark.parametrize("schedule", ["row", "zigzag"])(test)
+    return pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])(test)
 
 
 def assert_peaks_within_plan(report) -> None:

@@ -9,9 +9,8 @@ off; prefetch on and off.
 
 import pytest
 
-from exec_helpers import FAMILIES, GEN, LENGTHS, PLACEMENTS, assert_peaks_within_plan, prompts_of, run_tiny, tiny_case
-
-SHAPES = [(1, 1), (2, 3), (4, 2)]
+from exec_helpers import (FAMILIES, GEN, LENGTHS, PLACEMENTS, SHAPES, assert_peaks_within_plan, prompts_of, run_tiny,
+                          each_schedule, shape_id, tiny_case)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -29,7 +28,7 @@ def _check(family, **kw):
 
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_placements_and_batch_shapes(family, placement, shape):
     percent, gpu_mem = PLACEMENTS[placement]
     report, plan = _check(family, gbs=shape[0], ngb=shape[1], percent=percent, gpu_mem=gpu_mem)
@@ -44,8 +43,7 @@ def test_placements_and_batch_shapes(family, placement, shape):
     assert_peaks_within_plan(report)
 
 
-@pytest.mark.parametrize("schedule", ["row", "zigzag"])
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+@each_schedule
 def test_schedules_and_overlap(family, schedule, overlap):
     percent, gpu_mem = PLACEMENTS["mixed"]
     _check(family, gbs=2, ngb=3, percent=percent, gpu_mem=gpu_mem, schedule=schedule, overlap=overlap)

@@ -21,7 +21,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from exec_helpers import FAMILIES, GEN, LENGTHS, PLACEMENTS, assert_peaks_within_plan, prompts_of, run_tiny, tiny_store
+from exec_helpers import (FAMILIES, GEN, LENGTHS, PLACEMENTS, SHAPES, assert_peaks_within_plan, prompts_of, run_tiny,
+                          each_schedule, shape_id, tiny_store)
 from flexgraph.calibrate import Calibration
 from flexgraph.cli import main
 from flexgraph.compress.quant import should_compress
@@ -93,15 +94,14 @@ def _run(family, **kw):
 
 
 @pytest.mark.parametrize("placement", sorted(PLACEMENTS))
-@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (4, 2)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_bfloat16_storage_matches_transformers_on_the_same_weights(family, placement, shape):
     percent, gpu_mem = PLACEMENTS[placement]
     report, _plan = _run(family, gbs=shape[0], ngb=shape[1], percent=percent, gpu_mem=gpu_mem)
     assert_peaks_within_plan(report)
 
 
-@pytest.mark.parametrize("schedule", ["row", "zigzag"])
-@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "serial"])
+@each_schedule
 def test_bfloat16_storage_under_every_schedule(family, schedule, overlap):
     percent, gpu_mem = PLACEMENTS["mixed"]
     _run(family, gbs=2, ngb=3, percent=percent, gpu_mem=gpu_mem, schedule=schedule, overlap=overlap)
