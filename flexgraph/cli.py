@@ -126,7 +126,8 @@ def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool =
                     compress_weight: bool = False, compress_cache: bool = False, storage: tuple = ()):
     """The calibrated cost model for ``spec`` on this machine (measuring what is missing);
     ``storage``: the storage dtypes plans may use (their conversion rates are measured)."""
-    from flexgraph.calibrate import ensure_cast, ensure_dequant, ensure_layers, ensure_matmul, load_calibration
+    from flexgraph.calibrate import (ensure_cast, ensure_dequant, ensure_io_cpu, ensure_layers, ensure_matmul,
+                                     load_calibration)
     from flexgraph.plan.cost import CostModel
     from flexgraph.plan.planner import default_dtype
     from flexgraph.plan.policy import DTYPES
@@ -134,6 +135,7 @@ def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool =
     torch_dtype = DTYPES[dtype or default_dtype(hardware.get("device", "cpu"))]
     has_gpu = hardware.get("gpu_mem") is not None
     cal = load_calibration(hardware.get("device", "cpu"), torch_dtype, hardware["offload_dir"], has_gpu, recalibrate)
+    ensure_io_cpu(cal, torch_dtype, hardware["offload_dir"], has_gpu)
     model = CostModel(spec, cal, torch_dtype.itemsize, compress_weight=compress_weight,
                       compress_cache=compress_cache)
     ensure_matmul(cal, model.matmul_shapes(), torch_dtype, has_gpu)

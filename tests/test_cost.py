@@ -110,14 +110,29 @@ def test_disk_reads_take_cpu_from_the_compute():
     assert model.io_cpu_time(graph.nodes[checked.path[0]]) == 0.0
 
 
+def test_the_estimate_reads_the_disk_at_its_rate_under_compute():
+    """A disk calibrated at half its idle rate while a product runs: a disk-bound plan's
+    estimate slows down by about 2x; the roofline keeps the idle rate."""
+    graph, checked, model = slow_disk_plan(1e8, Split(0, 100))
+    before_est, before_roof = simulate(graph, checked, model), roofline(graph, checked, model)
+    model.cal.disk_read_busy = 0.5e8
+    assert model.busy_bw("disk", "cpu") == 0.5e8 and model.busy_bw("cpu", "disk") == 0.5e8
+    est, roof = simulate(graph, checked, model), roofline(graph, checked, model)
+    assert roof.resources == before_roof.resources
+    assert 1.8 * before_est.block_seconds < est.block_seconds <= 2.0 * before_est.block_seconds
+    model.cal.disk_read_busy = 5e8                 # never faster than idle
+    assert model.busy_bw("disk", "cpu") == 1e8
+
+
 def test_io_cpu_is_measured_and_leaves_no_file(tmp_path, monkeypatch):
     import torch
 
     import flexgraph.calibrate as C
     monkeypatch.setattr(C, "IO_PROBE_SECONDS", 0.2)
     monkeypatch.setattr(C, "IO_PROBE_ROUNDS", 1)
-    cost = C.measure_io_cpu(tmp_path, torch.float32, nbytes=8 << 20)
+    cost, read = C.measure_io_cpu(tmp_path, torch.float32, nbytes=8 << 20)
     assert 0.0 <= cost < 1e-6                  # seconds per byte: under 1000 s per GB
+    assert 10e6 < read < 100e9                 # bytes/s read meanwhile: a disk's, not zero
     assert not list(tmp_path.iterdir())        # its probe file is removed
 
 

@@ -124,16 +124,18 @@ class Tiers:
             return aligned_empty(shape, dtype)          # page-aligned: disk reads can bypass the cache
         return torch.empty(tuple(shape), dtype=dtype, device=self.torch_device(tier), pin_memory=pin)
 
+    def _pooled(self, tier: str) -> bool:
+        # unpinned host memory only: pinned buffers and device memory have their own allocators
+        return tier != "disk" and self.torch_device(tier).type == "cpu" and not (self._pin and tier == "cpu")
+
     def working(self, tier: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """Like :meth:`empty`, for a node's working copy that lives a few nodes: on the
         CPU (unpinned) it is cut from the run's :class:`BufferPool`, reusing idle memory."""
-        if tier != "disk" and self.torch_device(tier).type == "cpu" and not (self._pin and tier == "cpu"):
-            return self.pool.empty(shape, dtype)
-        return self.empty(tier, shape, dtype)
+        return self.pool.empty(shape, dtype) if self._pooled(tier) else self.empty(tier, shape, dtype)
 
     def working_q(self, tier: str, shape, dtype: torch.dtype, group_dim: int) -> QTensor:
         """Like :meth:`empty_q`, for a working copy (its buffers from the pool on the CPU)."""
-        if tier != "disk" and self.torch_device(tier).type == "cpu" and not (self._pin and tier == "cpu"):
+        if self._pooled(tier):
             return qtensor_empty(shape, dtype, group_dim, empty=self.pool.empty)
         return self.empty_q(tier, shape, dtype, group_dim)
 

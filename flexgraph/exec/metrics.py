@@ -87,7 +87,8 @@ def build_metrics(*, workload, policy, timings, num_sequences: int, memory_stats
         "disk_io": {"read_bytes": disk_stats.read_bytes, "write_bytes": disk_stats.write_bytes,
                     "read_seconds": disk_stats.read_seconds, "write_seconds": disk_stats.write_seconds},
         "buffer_pool": None if pool_stats is None else {
-            "buffers": pool_stats.buffers, "held_bytes": pool_stats.held_bytes, "hits": pool_stats.hits,
+            "buffers": pool_stats.buffers, "held_bytes": pool_stats.held_bytes,
+            "peak_held_bytes": pool_stats.peak_held_bytes, "hits": pool_stats.hits,
             "misses": pool_stats.misses, "evicted": pool_stats.evicted},
         "lanes": {name: {"busy_seconds": s.busy_seconds, "items": s.items} for name, s in lanes.items()},
         "overlap_ratio": overlap,

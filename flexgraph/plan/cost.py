@@ -211,6 +211,15 @@ class CostModel:
             return 0.0
         return self.cal.io_cpu * sum(n for src, dst, n in attrs["moves"] if "disk" in (src, dst))
 
+    def busy_bw(self, src: str, dst: str) -> float:
+        """Bytes/s of a transfer while the compute runs: a CPU's disk transfers at the rate
+        its disk was read under compute (calibrated), the rest at their idle rates."""
+        bw = self.cal.bw(src, dst)
+        busy, idle = self.cal.disk_read_busy, self.cal.bandwidth.get("disk->cpu", 0.0)
+        if self.cal.device == "cpu" and "disk" in (src, dst) and busy > 0 and idle > 0:
+            return bw * min(1.0, busy / idle)
+        return bw
+
     def node_time(self, attrs: dict, gbs: int, prompt_len: int) -> float:
         t = self.cal.node_overhead
         if attrs["kind"] == COMPUTE:
@@ -218,7 +227,7 @@ class CostModel:
             new = prompt_len if i == 0 else 1
             return t + self.compute_time(j, gbs, new, prompt_len + i)
         for src, dst, nbytes in attrs["moves"]:
-            t += nbytes / self.cal.bw(src, dst)
+            t += nbytes / self.busy_bw(src, dst)
         return t
 
 
