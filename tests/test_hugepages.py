@@ -42,7 +42,7 @@ def test_execute_decides_before_running(model, tmp_path):  # noqa: F811
     store, _ = model
     p = plan(store, tmp_path)                         # a tiny model in 2 GiB: plenty of room
     prompts = write_prompts(tmp_path / "prompts.jsonl", 4)
-    env = {k: v for k, v in os.environ.items() if k != hugepages.ENV}
+    env = {k: v for k, v in os.environ.items() if k not in (hugepages.ENV, malloc_threshold.ENV)}
     roomy = _execute_choice(p, prompts, tmp_path / "a.jsonl", env)
     assert roomy["on"] is True and roomy["malloc_threshold_fixed"] is False
     tight = _execute_choice(p, prompts, tmp_path / "b.jsonl", {**env, hugepages.ENV: "0"})

@@ -34,6 +34,7 @@ State: ``_by_class`` — class bytes -> buffers of that class (busy or idle);
 
 from __future__ import annotations
 
+import math
 import threading
 from dataclasses import dataclass
 
@@ -87,10 +88,7 @@ class BufferPool:
 
     def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """An uninitialised, page-aligned CPU tensor, reused from an idle buffer where one fits."""
-        n = 1
-        for s in shape:
-            n *= s
-        nbytes = n * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_POOLED:
             return aligned_empty(shape, dtype)
         cls = size_class(nbytes)

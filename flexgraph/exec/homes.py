@@ -116,26 +116,26 @@ class Tiers:
             return torch.device("cuda")
         return torch.device("cpu")
 
+    def _unpinned_host(self, tier: str) -> bool:
+        # plain host memory: pinned buffers and device memory have their own allocators
+        return tier != "disk" and self.torch_device(tier).type == "cpu" and not (self._pin and tier == "cpu")
+
     def empty(self, tier: str, shape, dtype: torch.dtype) -> torch.Tensor:
         if tier == "disk":
             raise ValueError("disk tensors are files; use file()")
-        pin = self._pin and tier == "cpu"
-        if self.torch_device(tier).type == "cpu" and not pin:
+        if self._unpinned_host(tier):
             return aligned_empty(shape, dtype)          # page-aligned: disk reads can bypass the cache
-        return torch.empty(tuple(shape), dtype=dtype, device=self.torch_device(tier), pin_memory=pin)
-
-    def _pooled(self, tier: str) -> bool:
-        # unpinned host memory only: pinned buffers and device memory have their own allocators
-        return tier != "disk" and self.torch_device(tier).type == "cpu" and not (self._pin and tier == "cpu")
+        return torch.empty(tuple(shape), dtype=dtype, device=self.torch_device(tier),
+                           pin_memory=self._pin and tier == "cpu")
 
     def working(self, tier: str, shape, dtype: torch.dtype) -> torch.Tensor:
         """Like :meth:`empty`, for a node's working copy that lives a few nodes: on the
         CPU (unpinned) it is cut from the run's :class:`BufferPool`, reusing idle memory."""
-        return self.pool.empty(shape, dtype) if self._pooled(tier) else self.empty(tier, shape, dtype)
+        return self.pool.empty(shape, dtype) if self._unpinned_host(tier) else self.empty(tier, shape, dtype)
 
     def working_q(self, tier: str, shape, dtype: torch.dtype, group_dim: int) -> QTensor:
         """Like :meth:`empty_q`, for a working copy (its buffers from the pool on the CPU)."""
-        if self._pooled(tier):
+        if self._unpinned_host(tier):
             return qtensor_empty(shape, dtype, group_dim, empty=self.pool.empty)
         return self.empty_q(tier, shape, dtype, group_dim)
 
