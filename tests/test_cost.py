@@ -258,3 +258,72 @@ def test_layer_corrections_cover_each_point_and_skip_a_slow_large_prefill(monkey
     monkeypatch.setattr(C, "LARGE_POINT_SECONDS", 0.0)
     got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
     assert [t for t, _ in got["mlp"]] == sorted(tokens - {C.LAYER_POINTS["prefill-large"][0] * 512})
+
+
+def test_a_tight_run_is_timed_with_the_tight_corrections():
+    # a run under a tight cap computes without huge pages and with a fixed mmap threshold:
+    # its layers are slower, and the model times them with what was measured so
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    model = with_matmul(calibration(), spec)
+    model.corrections = {"mlp": [[16, 1.0], [8192, 1.0]]}
+    policy = Policy(8, 1, Split(0, 100), Split(0, 100), Split(0, 100))
+    assert model.for_policy(policy, tight=True).compute_time(2, 8, 512, 512) == \
+        model.compute_time(2, 8, 512, 512)                        # no tight measurement: the plain ones
+    asked = []
+
+    def tight():
+        asked.append(1)
+        return {"mlp": [[16, 3.0], [8192, 3.0]]}
+
+    model.tight_corrections = tight
+    roomy = model.for_policy(policy).compute_time(2, 8, 512, 512)
+    slow = model.for_policy(policy, tight=True)
+    assert slow.compute_time(2, 8, 512, 512) == pytest.approx(3 * roomy)
+    assert model.for_policy(policy, tight=True) is slow and slow.for_policy(policy, tight=True) is slow
+    assert slow.for_policy(policy).compute_time(2, 8, 512, 512) == pytest.approx(roomy)
+    assert asked == [1]                                             # measured once, when first needed
+
+
+def test_a_plan_is_tight_when_its_peak_leaves_no_room_for_huge_pages():
+    from flexgraph.hugepages import ROOMY
+    from flexgraph.plan.planner import runs_tight
+    cap = {"gpu": None, "cpu": 1000, "disk": None}
+    assert not runs_tight(int(ROOMY * 1000), cap)
+    assert runs_tight(int(ROOMY * 1000) + 1, cap)
+    assert runs_tight(1, {**cap, "cpu": None})                    # execute cannot know: no huge pages
+
+
+def test_the_search_times_tight_candidates_with_the_tight_corrections():
+    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
+    wl = Workload(16, 128, 8)
+    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 3 << 30, "disk_mem": 1 << 40}
+    estimates = []
+    for factor in (1.0, 3.0):
+        model = with_matmul(calibration(), spec)
+        model.corrections = {k: [[16, 1.0], [8192, 1.0]] for k in ("attn", "mlp", "head", "embed")}
+        model.tight_corrections = lambda f=factor: {k: [[16, f], [8192, f]] for k in ("attn", "mlp", "head",
+                                                                                       "embed")}
+        best = search_policy(spec, wl, hw, Knobs(gpu_batch_size=8, num_gpu_batches=2), model)[0]
+        estimates.append(best.estimate.block_seconds)
+    # OPT-1.3B's 2.6 GB cannot fit in half of 3 GiB: every candidate runs tight
+    assert estimates[1] > 1.5 * estimates[0]
+
+
+def test_tight_layer_corrections_are_measured_in_a_child_under_the_tight_allocator(monkeypatch):
+    import torch
+
+    import flexgraph.calibrate as C
+    from hf_tiny import _COMMON, TINY_CONFIGS
+    cls, kwargs = TINY_CONFIGS["llama2-mha"]
+    spec = ModelSpec.from_hf_config(cls(**_COMMON, **kwargs).to_dict(), name="tiny")
+    model = with_matmul(calibration(), spec)
+    monkeypatch.setattr(C, "LAYER_ROUNDS", 1)
+    monkeypatch.setattr(C, "STREAM_BYTES", 1 << 20)
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")             # as `flexgraph plan` sets it for itself
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    got = C.measure_layers_tight(model, torch.float32, False)
+    assert got["huge_pages"] == "0" and got["threshold_fixed"] is True
+    tokens = {b * n for b, n, _ in C.LAYER_POINTS.values()}
+    assert {k: [t for t, _ in v] for k, v in got["corrections"].items() if k != "head"} == \
+        {k: sorted(tokens) for k in ("attn", "mlp", "embed")}
+    assert all(r > 0 for table in got["corrections"].values() for _, r in table)

@@ -25,6 +25,7 @@ or the bytes over one link) at the calibrated rates with perfect overlap.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import networkx as nx
 
@@ -101,7 +102,10 @@ class CostModel:
     compute time of each layer kind by what running that kind's real maths measured —
     at a small and a large decode batch and a prefill, interpolated in log(tokens) —
     so element-wise chains, weights streamed from memory rather than cache, and the
-    kernels' real efficiency are in the estimate.
+    kernels' real efficiency are in the estimate.  ``tight_corrections``, where set, gives
+    the ones measured under the allocator a CPU run under a tight cap computes with (no
+    huge pages, glibc's mmap threshold fixed: its large intermediates are faulted in
+    afresh every time); :meth:`for_policy` with ``tight`` uses them.
     """
 
     def __init__(self, spec: ModelSpec, cal: Calibration, itemsize: int,
@@ -113,18 +117,24 @@ class CostModel:
         # so are weights and cache kept in a narrower storage dtype (converted)
         self.compress_weight, self.compress_cache = compress_weight, compress_cache
         self.storage_dtype = storage_dtype
+        self.tight_corrections: Callable[[], dict[str, list[list[float]]]] | None = None
         self._compute_cache: dict[tuple, float] = {}
-        self._variants: dict[str | None, CostModel] = {storage_dtype: self}
+        self._root = self                # the model the search was given: its corrections are the plain ones
+        self._variants: dict[tuple[str | None, bool], CostModel] = {(storage_dtype, False): self}
 
-    def for_policy(self, policy) -> CostModel:
-        """This model for a policy's storage dtype (the same calibration and corrections;
-        compression is the model's own, fixed for a search)."""
-        key = policy.storage_dtype
+    def for_policy(self, policy, tight: bool = False) -> CostModel:
+        """This model for a policy's storage dtype (the same calibration; compression is
+        the model's own, fixed for a search), with the tight-run corrections if ``tight``
+        and the model has them."""
+        root = self._root
+        tight = tight and root.tight_corrections is not None
+        key = (policy.storage_dtype, tight)
         got = self._variants.get(key)
         if got is None:
-            got = CostModel(self.spec, self.cal, self.itemsize, self.corrections, self.compress_weight,
-                            self.compress_cache, key)
-            got._variants = self._variants
+            corrections = root.tight_corrections() if tight else root.corrections
+            got = CostModel(self.spec, self.cal, self.itemsize, corrections, self.compress_weight,
+                            self.compress_cache, policy.storage_dtype)
+            got._root, got._variants = root, self._variants
             self._variants[key] = got
         return got
 

@@ -66,6 +66,14 @@ def capacities(hardware: dict) -> dict[str, int | None]:
     return {"gpu": hardware.get("gpu_mem"), "cpu": hardware.get("cpu_mem"), "disk": hardware.get("disk_mem")}
 
 
+def runs_tight(host_peak: int, cap: dict) -> bool:
+    """Whether ``flexgraph execute`` runs a plan peaking at ``host_peak`` bytes of host
+    memory with the tight-cap allocator (no huge pages, a fixed mmap threshold), which
+    makes its layer maths slower: the cost model must time it so."""
+    from flexgraph.hugepages import roomy
+    return not roomy(host_peak, cap["cpu"])
+
+
 def default_dtype(device: str, recalibrate: bool = False) -> str:
     """float16 on CUDA; on a CPU whichever of bfloat16 and float32 it multiplies well
     (measured once per machine: bfloat16 ran ~5x faster than float32 with AMX,
@@ -295,7 +303,8 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
                                                                  "--storage-dtype to choose)"))
     estimate = {}
     if cost_model is not None:
-        estimate = plan_estimate(graph, checked, cost_model.for_policy(policy), workload, policy)
+        tight = runs_tight(checked.peak["cpu"], capacities(hardware))
+        estimate = plan_estimate(graph, checked, cost_model.for_policy(policy, tight), workload, policy)
     chosen = {"by": "user" if complete else ("search" if candidates else "auto"), "notes": notes}
     if candidates:
         chosen["candidates"] = [{"policy": c.policy.to_json(), "estimated_throughput": c.throughput(workload),

@@ -30,8 +30,8 @@ from flexgraph.log import get_logger
 from flexgraph.models.spec import ATTN, ModelSpec
 from flexgraph.plan.cost import CostModel, Estimate, simulate
 from flexgraph.plan.policy import TIERS, Policy, Split, placed_weight_bytes
-from flexgraph.plan.planner import (Knobs, capacities, default_dtype, plan_for_policy, policy_flags, storage_choices,
-                                    working_set)
+from flexgraph.plan.planner import (Knobs, capacities, default_dtype, plan_for_policy, policy_flags, runs_tight,
+                                    storage_choices, working_set)
 
 log = get_logger(__name__)
 MAX_GPU_BATCH = 1024
@@ -240,9 +240,10 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
         try:
             if knobs.percent is None and knobs.weights is None:
                 cand.policy = _fit_weights(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
-            _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
-            cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap, model.for_policy(cand.policy),
-                                      knobs.prefetch, overlap)
+            host = _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
+            tight = runs_tight(host, cap)
+            cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap,
+                                      model.for_policy(cand.policy, tight), knobs.prefetch, overlap)
         except RuleViolation as e:
             cand.error = str(e)
         evaluated.append(cand)
@@ -273,24 +274,31 @@ def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs:
                     "policy by hand")
 
 
-def _overshoot(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
-               prefetch: bool) -> tuple[str, int, int] | None:
-    """The first tier whose homes plus working set exceed its capacity: (tier, needed, over)."""
+def _needs(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, prefetch: bool) -> dict[str, int]:
+    """Per tier, the bytes its homes and working set take."""
     homes = _home_bytes(spec, workload, policy, has_gpu)
     work = working_set(spec, workload, policy, has_gpu, prefetch)
+    return {t: homes[t] + work[t] for t in TIERS}
+
+
+def _overshoot(needs: dict[str, int], cap: dict) -> tuple[str, int, int] | None:
+    """The first tier whose homes plus working set exceed its capacity: (tier, needed, over)."""
     for t in TIERS:
-        need = homes[t] + work[t]
+        need = needs[t]
         if need and (cap[t] is None or need > cap[t]):
             return t, need, need - (cap[t] or 0)
     return None
 
 
 def _check_fits(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
-                prefetch: bool) -> None:
-    over = _overshoot(spec, workload, policy, has_gpu, cap, prefetch)
+                prefetch: bool) -> int:
+    """Raise where a tier cannot hold the plan; else the host memory it needs."""
+    needs = _needs(spec, workload, policy, has_gpu, prefetch)
+    over = _overshoot(needs, cap)
     if over is not None:
         t, need, _ = over
         raise RuleViolation(4, "the plan", f"needs {need} bytes on {t}", tier=t, needed=need, capacity=cap[t])
+    return needs["cpu"]
 
 
 def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
@@ -300,7 +308,7 @@ def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: b
     weights one tier down (gpu -> cpu -> disk) by the overshoot, a few times at most."""
     layer_bytes = placed_weight_bytes(spec, policy.itemsize, policy.compress_weight, policy.store_itemsize)
     for _ in range(8):
-        over = _overshoot(spec, workload, policy, has_gpu, cap, prefetch)
+        over = _overshoot(_needs(spec, workload, policy, has_gpu, prefetch), cap)
         if over is None or over[0] == "disk":
             return policy
         t, _need, excess = over
