@@ -11,7 +11,9 @@ prompts, 8 x 8, cache on disk) grew its resident memory through the prefill from
 
 A fixed threshold makes every large block a fresh mapping, faulted in page by page:
 alone it cost that run's compute 40%, so the executor's working copies come from its
-own pool (:mod:`flexgraph.exec.bufpool`) and only the layer maths' intermediates pay.
+own pool (:mod:`flexgraph.exec.bufpool`) and only the layer maths' intermediates pay;
+the cost model times a tight plan's layers under this allocator
+(:func:`flexgraph.calibrate.measure_layers_tight`).
 A run fixes it when huge pages are off (its planned peak leaves no room, see
 :mod:`flexgraph.hugepages`); a roomy run keeps glibc's reuse.  A user's own
 ``MALLOC_MMAP_THRESHOLD_`` always wins.
