@@ -356,15 +356,16 @@ def scratch_homes(spec: ModelSpec, workload: Workload, policy: Policy, sz: Sizes
 
 
 def static_homes(spec: ModelSpec, workload: Workload, policy: Policy, sz: Sizes,
-                 placement=None) -> list[tuple[tuple, str, int]]:
+                 placement=None, weights_in_place: bool = False) -> list[tuple[tuple, str, int]]:
     """The homes that live for the whole block: weights of every layer on their tiers, the
     KV cache of every (attention layer, GPU batch), sized for all ``cache_len`` slots, and
-    the decode scratches (:func:`scratch_homes`)."""
+    the decode scratches (:func:`scratch_homes`).  With ``weights_in_place`` the weights
+    on disk are the weight store's own files, read in place: they take no disk room."""
     placement = placement or policy_weight_placement(spec, policy)
     homes: list[tuple[tuple, str, int]] = scratch_homes(spec, workload, policy, sz)
     for j in range(spec.num_layers):
         for tier, nbytes in placement.bytes_per_tier[j].items():
-            if nbytes:
+            if nbytes and not (weights_in_place and tier == "disk"):
                 homes.append((("Wh", j), tier, nbytes))
         if spec.layer(j).kind == ATTN:
             for k in range(policy.num_gpu_batches):
@@ -374,8 +375,10 @@ def static_homes(spec: ModelSpec, workload: Workload, policy: Policy, sz: Sizes,
     return homes
 
 
-def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tier: bool) -> nx.DiGraph:
-    """The task graph of one block of ``num_gpu_batches`` GPU batches."""
+def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tier: bool,
+                weights_in_place: bool = False) -> nx.DiGraph:
+    """The task graph of one block of ``num_gpu_batches`` GPU batches (``weights_in_place``:
+    see :func:`static_homes`)."""
     sz = make_sizes(spec, policy, has_gpu_tier)
     ct = sz.compute_tier
     gbs, e = policy.gpu_batch_size, policy.itemsize
@@ -384,7 +387,7 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
     kvb = sz.kv_row_token_bytes
     act_off = sz.act_off_rows()
 
-    homes = static_homes(spec, workload, policy, sz, placement)
+    homes = static_homes(spec, workload, policy, sz, placement, weights_in_place)
 
     g = nx.DiGraph(spec=spec.name, workload=workload.to_json(), policy=policy.to_json(),
                    compute_tier=ct, homes=homes, sizes=asdict(sz),

@@ -66,6 +66,15 @@ def capacities(hardware: dict) -> dict[str, int | None]:
     return {"gpu": hardware.get("gpu_mem"), "cpu": hardware.get("cpu_mem"), "disk": hardware.get("disk_mem")}
 
 
+def weights_read_in_place(hardware: dict, policy: Policy) -> bool:
+    """Whether the run reads its disk-homed weights from the weight store in place, so that
+    they take no room in ``--offload-dir`` (whose free space is the disk tier's capacity):
+    they are kept uncompressed, in the dtype the store holds them in (``weights_in_place``
+    in the hardware, from :func:`flexgraph.weights.resolve.in_place_dtype`)."""
+    kept = hardware.get("weights_in_place")
+    return bool(kept) and not policy.compress_weight and kept in ("*", policy.storage_dtype or policy.dtype)
+
+
 def runs_tight(host_peak: int, cap: dict) -> bool:
     """Whether ``flexgraph execute`` runs a plan peaking at ``host_peak`` bytes of host
     memory with the tight-cap allocator (no huge pages, a fixed mmap threshold), which
@@ -152,15 +161,15 @@ class _HomeSizes:
     """Static home bytes per tier of each weight split and each cache split, computed once
     per batch shape so that ruling out a candidate costs a few additions."""
 
-    def __init__(self, spec: ModelSpec, workload: Workload, base: Policy, has_gpu: bool):
-        self.spec, self.workload, self.base, self.has_gpu = spec, workload, base, has_gpu
+    def __init__(self, spec: ModelSpec, workload: Workload, base: Policy, has_gpu: bool, in_place: bool = False):
+        self.spec, self.workload, self.base, self.has_gpu, self.in_place = spec, workload, base, has_gpu, in_place
         self._w: dict[Split, dict[str, int]] = {}
         self._c: dict[Split, dict[str, int]] = {}
 
     def _sum(self, policy: Policy, kind: str) -> dict[str, int]:
         used = dict.fromkeys(TIERS, 0)
         sz = make_sizes(self.spec, policy, self.has_gpu)
-        for buf, tier, nbytes in static_homes(self.spec, self.workload, policy, sz):
+        for buf, tier, nbytes in static_homes(self.spec, self.workload, policy, sz, weights_in_place=self.in_place):
             if buf[0] == kind:
                 used[tier] += nbytes
         return used
@@ -198,9 +207,9 @@ def working_set(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bo
 
 def plan_for_policy(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool,
                     cap: dict[str, int | None], prefetch: bool = True,
-                    keep_timeline: bool = False) -> tuple[nx.DiGraph, CheckedPath]:
+                    keep_timeline: bool = False, weights_in_place: bool = False) -> tuple[nx.DiGraph, CheckedPath]:
     """Build, lay and check the path of one policy; raises RuleViolation if it does not fit."""
-    graph = build_graph(spec, workload, policy, has_gpu)
+    graph = build_graph(spec, workload, policy, has_gpu, weights_in_place=weights_in_place)
     path = make_path(graph, policy.schedule, prefetch=prefetch)
     return graph, check_path(graph, path, cap, keep_timeline=keep_timeline, host_bytes_per_node=EXEC_BYTES_PER_NODE)
 
@@ -229,7 +238,8 @@ def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
             candidates = iter([(Split(p[0], p[1]), Split(p[2], p[3]), Split(p[4], p[5]))])
         else:
             candidates = _candidates(has_gpu, knobs.weights)
-        homes = _HomeSizes(spec, workload, base, has_gpu)
+        in_place = weights_read_in_place(hardware, base)
+        homes = _HomeSizes(spec, workload, base, has_gpu, in_place)
         # Working sets are largest when nothing is homed on the compute tier (every weight
         # and cache row needs a working copy there): that bound, per activation split,
         # admits a candidate without more ado; a candidate the bound rejects gets its
@@ -254,7 +264,8 @@ def choose_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
                     if not _fits({t: home[t] + work[t] for t in TIERS}, cap):
                         continue
             try:
-                graph, checked = plan_for_policy(spec, workload, policy, has_gpu, cap, knobs.prefetch)
+                graph, checked = plan_for_policy(spec, workload, policy, has_gpu, cap, knobs.prefetch,
+                                                 weights_in_place=in_place)
             except RuleViolation as e:
                 last_error = e
                 full_checks += 1
@@ -286,7 +297,9 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
     searched for the best estimated throughput and the plan carries its estimate;
     without one, the simple rule above fills them in.
     """
+    from flexgraph.weights.resolve import in_place_dtype
     spec: ModelSpec = model_ref.spec
+    hardware = {**hardware, "weights_in_place": in_place_dtype(model_ref)}
     complete = knobs.percent is not None and knobs.gpu_batch_size is not None and knobs.num_gpu_batches is not None
     candidates = []
     if cost_model is not None and not complete:
@@ -298,6 +311,10 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
     sz = make_sizes(spec, policy, has_gpu)
     placement = policy_weight_placement(spec, policy)
     notes = notes + flag_notes(knobs, has_gpu) + dtype_notes(knobs, hardware.get("device", "cpu"))
+    in_place = sum(b.get("disk", 0) for b in placement.bytes_per_tier) if weights_read_in_place(hardware, policy) else 0
+    if in_place:
+        notes.append(f"the {format_size(in_place)} of weights on disk are read in place from the weight store: "
+                     "they take no room in --offload-dir")
     if policy.storage_dtype and not knobs.storage_dtype:
         notes.append(storage_note(policy.storage_dtype).replace("(--storage-dtype)", "(chosen by search; "
                                                                  "--storage-dtype to choose)"))
@@ -362,6 +379,7 @@ def replay_plan(plan: Plan, keep_timeline: bool = False) -> tuple[nx.DiGraph, Ch
     work from this; a plan edited into breaking a rule is rejected here)."""
     spec = ModelSpec.from_hf_config(plan.model["config"], name=plan.model.get("name"))
     cap = capacities(plan.hardware)
-    graph = build_graph(spec, plan.workload, plan.policy, cap["gpu"] is not None)
+    graph = build_graph(spec, plan.workload, plan.policy, cap["gpu"] is not None,
+                        weights_in_place=weights_read_in_place(plan.hardware, plan.policy))
     return graph, check_path(graph, plan.path, cap, keep_timeline=keep_timeline,
                              host_bytes_per_node=EXEC_BYTES_PER_NODE)

@@ -31,7 +31,7 @@ from flexgraph.models.spec import ATTN, ModelSpec
 from flexgraph.plan.cost import CostModel, Estimate, simulate
 from flexgraph.plan.policy import TIERS, Policy, Split, placed_weight_bytes
 from flexgraph.plan.planner import (Knobs, capacities, default_dtype, plan_for_policy, policy_flags, runs_tight,
-                                    storage_choices, working_set)
+                                    storage_choices, weights_read_in_place, working_set)
 
 log = get_logger(__name__)
 MAX_GPU_BATCH = 1024
@@ -73,8 +73,10 @@ def batch_shapes(workload: Workload, knobs: Knobs) -> list[tuple[int, int]]:
 
 
 def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: bool, cap: dict,
-                 model: CostModel, allowance: dict[str, int]) -> tuple[tuple[Split, Split, Split], float] | None:
-    """FlexGen's LP for one batch shape: (weights, cache, activations) splits and seconds per block."""
+                 model: CostModel, allowance: dict[str, int],
+                 weights_in_place: bool = False) -> tuple[tuple[Split, Split, Split], float] | None:
+    """FlexGen's LP for one batch shape: (weights, cache, activations) splits and seconds per
+    block.  ``weights_in_place``: weights on disk are the store's files and take no room."""
     from scipy.optimize import linprog
 
     ct = "gpu" if has_gpu else "cpu"
@@ -141,7 +143,7 @@ def lp_placement(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: boo
         if cap[t] is None:
             continue
         row = np.zeros(nv)
-        row[idx[("w", t)]] = w_total
+        row[idx[("w", t)]] = 0 if weights_in_place and t == "disk" else w_total
         row[idx[("c", t)]] = c_total
         A.append(row)
         b.append(cap[t] - allowance.get(t, 0))
@@ -216,13 +218,15 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
                     continue
                 # first pass: a rough working-set allowance, just to rank the batch shapes
                 solved = lp_placement(spec, workload, base, has_gpu, cap, model.for_policy(base),
-                                      _rough_allowance(spec, workload, base, has_gpu))
+                                      _rough_allowance(spec, workload, base, has_gpu),
+                                      weights_read_in_place(hardware, base))
                 if solved is not None:
                     blocks = math.ceil(workload.num_prompts / base.block_size)
                     ranked.append((solved[1] * blocks, base))
     ranked.sort(key=lambda x: x[0])
     evaluated: list[Candidate] = []
     for _rough, base in ranked[:max(top, FULL_CHECKS)]:
+        in_place = weights_read_in_place(hardware, base)     # the same for every placement of base
         if knobs.percent is not None:
             p = knobs.percent
             cand = Candidate(replace(base, weights=Split(p[0], p[1]), cache=Split(p[2], p[3]),
@@ -230,7 +234,7 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
         else:
             # second pass: the measured working set of this shape
             allowance = working_set(spec, workload, base, has_gpu, knobs.prefetch)
-            solved = lp_placement(spec, workload, base, has_gpu, cap, model.for_policy(base), allowance)
+            solved = lp_placement(spec, workload, base, has_gpu, cap, model.for_policy(base), allowance, in_place)
             if solved is None:
                 continue
             (w, c, a), seconds = solved
@@ -239,8 +243,8 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
             cand = Candidate(replace(base, weights=w, cache=c, activations=a), seconds)
         try:
             if knobs.percent is None and knobs.weights is None:
-                cand.policy = _fit_weights(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
-            host = _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch)
+                cand.policy = _fit_weights(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch, in_place)
+            host = _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch, in_place)
             tight = runs_tight(host, cap)
             cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap,
                                       model.for_policy(cand.policy, tight), knobs.prefetch, overlap)
@@ -263,7 +267,8 @@ def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs:
     for cand in candidates:
         try:
             graph, checked = plan_for_policy(spec, workload, cand.policy, cap["gpu"] is not None, cap,
-                                             knobs.prefetch)
+                                             knobs.prefetch, weights_in_place=weights_read_in_place(hardware,
+                                                                                                    cand.policy))
         except RuleViolation as e:
             cand.error, last = str(e), e
             continue
@@ -274,9 +279,10 @@ def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs:
                     "policy by hand")
 
 
-def _needs(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, prefetch: bool) -> dict[str, int]:
+def _needs(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, prefetch: bool,
+           in_place: bool) -> dict[str, int]:
     """Per tier, the bytes its homes and working set take."""
-    homes = _home_bytes(spec, workload, policy, has_gpu)
+    homes = _home_bytes(spec, workload, policy, has_gpu, in_place)
     work = working_set(spec, workload, policy, has_gpu, prefetch)
     return {t: homes[t] + work[t] for t in TIERS}
 
@@ -291,9 +297,9 @@ def _overshoot(needs: dict[str, int], cap: dict) -> tuple[str, int, int] | None:
 
 
 def _check_fits(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
-                prefetch: bool) -> int:
+                prefetch: bool, in_place: bool) -> int:
     """Raise where a tier cannot hold the plan; else the host memory it needs."""
-    needs = _needs(spec, workload, policy, has_gpu, prefetch)
+    needs = _needs(spec, workload, policy, has_gpu, prefetch, in_place)
     over = _overshoot(needs, cap)
     if over is not None:
         t, need, _ = over
@@ -302,13 +308,13 @@ def _check_fits(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bo
 
 
 def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
-                 prefetch: bool) -> Policy:
+                 prefetch: bool, in_place: bool) -> Policy:
     """The LP's fractions are continuous and its working set an allowance; weights are placed
     a whole layer at a time and rounded to percent.  Where that overshoots a tier, move
     weights one tier down (gpu -> cpu -> disk) by the overshoot, a few times at most."""
     layer_bytes = placed_weight_bytes(spec, policy.itemsize, policy.compress_weight, policy.store_itemsize)
     for _ in range(8):
-        over = _overshoot(_needs(spec, workload, policy, has_gpu, prefetch), cap)
+        over = _overshoot(_needs(spec, workload, policy, has_gpu, prefetch, in_place), cap)
         if over is None or over[0] == "disk":
             return policy
         t, _need, excess = over
@@ -322,9 +328,10 @@ def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: b
     return policy
 
 
-def _home_bytes(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool) -> dict[str, int]:
+def _home_bytes(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, in_place: bool) -> dict[str, int]:
     used = dict.fromkeys(TIERS, 0)
-    for _buf, tier, nbytes in static_homes(spec, workload, policy, make_sizes(spec, policy, has_gpu)):
+    for _buf, tier, nbytes in static_homes(spec, workload, policy, make_sizes(spec, policy, has_gpu),
+                                           weights_in_place=in_place):
         used[tier] += nbytes
     return used
 

@@ -195,6 +195,25 @@ def store_path_for(ref: ModelRef, dtype: torch.dtype | None = None) -> Path:
     return stores_dir() / f"{ref.kind}-{safe_component(stem)}-{ref.checksum[:16]}"
 
 
+def in_place_dtype(ref) -> str | None:
+    """The stored dtype in which the run's weight store holds every weight matrix of
+    ``ref`` — a disk-homed weight in that dtype is read from the store in place and takes
+    no room in ``--offload-dir`` — or None where the plan cannot count on it: ``"*"`` for
+    a dummy (generated in whatever dtype the plan keeps), the matrices' one dtype for a
+    store folder.  A converted model (hf, gguf, bundled) says None, so its plan does not
+    depend on whether this machine converted it already."""
+    if getattr(ref, "dummy", False):
+        return "*"
+    if getattr(ref, "kind", None) != "store":
+        return None
+    try:
+        store = WeightStore.open(ref.location, check_spec=False, check_files=False)
+    except ModelError:
+        return None
+    kept = {store.entry(n).dtype for n in store.names() if len(store.entry(n).shape) == 2}
+    return dtype_name(kept.pop()) if len(kept) == 1 else None
+
+
 def materialize(ref: ModelRef, dtype: torch.dtype | None = None, *, progress: bool = True) -> WeightStore:
     """The weights of ``ref`` as a store: converted / generated into the cache once,
     reused afterwards; ModelError if the source changed since ``ref`` was made."""
