@@ -238,18 +238,24 @@ def test_the_cache_is_decoded_and_encoded_at_its_own_rates():
     assert cache_only.decode_time(2, 8, 1, 100) == 0.0                # an MLP has no cache
 
 
+def _quick_layer_timing(monkeypatch):
+    """The calibration module set to time layers in one short round, and a cost model of a
+    tiny Llama to time."""
+    import flexgraph.calibrate as C
+    from hf_tiny import _COMMON, TINY_CONFIGS
+    cls, kwargs = TINY_CONFIGS["llama2-mha"]
+    spec = ModelSpec.from_hf_config(cls(**_COMMON, **kwargs).to_dict(), name="tiny")
+    monkeypatch.setattr(C, "LAYER_ROUNDS", 1)
+    monkeypatch.setattr(C, "STREAM_BYTES", 1 << 20)
+    return C, with_matmul(calibration(), spec)
+
+
 def test_layer_corrections_cover_each_point_and_skip_a_slow_large_prefill(monkeypatch):
     # the real measurement on a tiny Llama: a ratio per kind at each point's token
     # count; the 32k-token prefill point is left out when its analytic time is too long
     import torch
 
-    import flexgraph.calibrate as C
-    from hf_tiny import _COMMON, TINY_CONFIGS
-    cls, kwargs = TINY_CONFIGS["llama2-mha"]
-    spec = ModelSpec.from_hf_config(cls(**_COMMON, **kwargs).to_dict(), name="tiny")
-    model = with_matmul(calibration(), spec)
-    monkeypatch.setattr(C, "LAYER_ROUNDS", 1)
-    monkeypatch.setattr(C, "STREAM_BYTES", 1 << 20)
+    C, model = _quick_layer_timing(monkeypatch)
     tokens = {b * n for b, n, _ in C.LAYER_POINTS.values()}
     got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
     assert {k: [t for t, _ in v] for k, v in got.items() if k != "head"} == \
@@ -312,13 +318,7 @@ def test_the_search_times_tight_candidates_with_the_tight_corrections():
 def test_tight_layer_corrections_are_measured_in_a_child_under_the_tight_allocator(monkeypatch):
     import torch
 
-    import flexgraph.calibrate as C
-    from hf_tiny import _COMMON, TINY_CONFIGS
-    cls, kwargs = TINY_CONFIGS["llama2-mha"]
-    spec = ModelSpec.from_hf_config(cls(**_COMMON, **kwargs).to_dict(), name="tiny")
-    model = with_matmul(calibration(), spec)
-    monkeypatch.setattr(C, "LAYER_ROUNDS", 1)
-    monkeypatch.setattr(C, "STREAM_BYTES", 1 << 20)
+    C, model = _quick_layer_timing(monkeypatch)
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")             # as `flexgraph plan` sets it for itself
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     got = C.measure_layers_tight(model, torch.float32, False)
