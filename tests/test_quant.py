@@ -351,3 +351,72 @@ def test_weights_quantised_a_slice_of_columns_at_a_time_equal_whole(monkeypatch)
     whole = quantize(w, WEIGHT_GROUP_DIM)
     for a, b in zip(sliced.buffers(), whole.buffers()):
         assert torch.equal(a, b)
+
+
+# ---- decoding on the CPU: in slices, through a reused scratch ----------------------------------
+def _biggest_allocation(fn) -> int:
+    """The largest CPU allocation (bytes) any op makes while ``fn`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("shape, gd", [((1000, 96), WEIGHT_GROUP_DIM), ((300, 7, 128), CACHE_GROUP_DIM)])
+def test_decoding_in_slices_equals_decoding_whole(monkeypatch, shape, gd):
+    """Small slices (many of them, the last one short) give the bytes of one whole pass."""
+    from flexgraph.compress import quant
+    torch.manual_seed(1)
+    q = quantize(torch.randn(shape, dtype=torch.bfloat16), gd)
+    monkeypatch.setattr(quant, "DECODE_SLICE_BYTES", 3 * 1000)
+    sliced = dequantize_into(q, torch.empty(shape, dtype=torch.bfloat16))
+    monkeypatch.setattr(quant, "_decode_groups",
+                        lambda p, s, m, o, g: quant._decode_slice(p, s, m, o, g, None))    # the GPU's path
+    whole = dequantize_into(q, torch.empty(shape, dtype=torch.bfloat16))
+    assert torch.equal(sliced, whole)
+
+
+def test_decoding_a_cache_prefix_in_slices_equals_the_prefix_of_the_whole():
+    """A cache's prefix is a strided view of its buffers; slicing must follow the strides."""
+    torch.manual_seed(2)
+    x = torch.randn(40, 30, 64, dtype=torch.bfloat16)              # [rows, S, D]
+    q = quantize(x, CACHE_GROUP_DIM)
+    prefix = dequantize_into(q.narrow(1, 0, 11), torch.empty(40, 11, 64, dtype=torch.bfloat16))
+    assert torch.equal(prefix, dequantize(q)[:, :11])
+
+
+def test_cpu_decode_allocates_no_temporaries_of_the_matrix_size():
+    """Under a tight run's fixed mmap threshold every big temporary is a fresh mapping
+    faulted in page by page: the decode keeps to its slice-sized scratch instead."""
+    from flexgraph.compress import quant
+    q = quantize(torch.randn(2048, 1024, dtype=torch.bfloat16), WEIGHT_GROUP_DIM)    # 1 MiB of codes
+    out = torch.empty(2048, 1024, dtype=torch.bfloat16)
+    dequantize_into(q, out)                                          # the scratch exists from here on
+    scratch = quant._code_scratch(1).data_ptr()
+    assert _biggest_allocation(lambda: dequantize_into(q, out)) < 64 << 10
+    assert quant._code_scratch(1).data_ptr() == scratch              # reused, not replaced
+    assert quant._scratch.buf.numel() <= quant.DECODE_SLICE_BYTES
+
+
+@pytest.mark.parametrize("shape", [(300, 7, 128), (9, 1, 64), (5, 70000, 64)])
+def test_cache_quantised_in_slices_equals_quantising_it_whole(monkeypatch, shape):
+    """Slices along the rows (the last one short, or one row bigger than a slice) give
+    the bytes of one whole pass."""
+    from flexgraph.compress import quant
+    torch.manual_seed(3)
+    x = torch.randn(shape, dtype=torch.bfloat16)
+    monkeypatch.setattr(quant, "QUANTIZE_SLICE_ELEMENTS", 2000)
+    sliced = quantize(x, CACHE_GROUP_DIM)
+    whole = qtensor_empty(x.shape, x.dtype, CACHE_GROUP_DIM)
+    quant._quantize_slice(x, whole)
+    for a, b in zip(sliced.buffers(), whole.buffers()):
+        assert torch.equal(a, b)
+
+
+def test_decode_scratch_made_in_inference_mode_serves_outside_it():
+    from flexgraph.compress import quant
+    q = quantize(torch.randn(256, 64), WEIGHT_GROUP_DIM)
+    quant._scratch.buf = None
+    with torch.inference_mode():
+        inside = dequantize(q)
+    assert torch.equal(dequantize(q), inside)

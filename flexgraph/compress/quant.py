@@ -48,8 +48,12 @@ preallocated buffer (:func:`qtensor_empty` allocates the three buffers separatel
 caches that are read and written a token at a time).
 
 Speed: everything is vectorised torch ops; dequantisation writes the codes straight into
-the output and finishes in place (``code * scale + mn``), so the only temporaries are two
-half-size uint8 tensors.  ``python -c "from flexgraph.compress.quant import main; main()"``
+the output and finishes in place (``code * scale + mn``).  On the CPU it goes through the
+output in slices of ~1 MiB of codes, unpacking each slice's codes in a reused per-thread
+scratch (:func:`_decode_groups`): two half-size uint8 temporaries of a whole matrix are
+fresh mappings under a tight run's fixed mmap threshold (:mod:`flexgraph.malloc_threshold`),
+faulted in page by page, which halved the decode rate there (3.5 against 7.6 GB/s for a
+2048x8192 bfloat16 weight), and a slice's scratch stays in the core's L2.  ``python -c "from flexgraph.compress.quant import main; main()"``
 measures it: on a 2-core AMX Xeon a 4096x4096 bfloat16 weight decodes at ~7 GB/s of
 output, a KV cache (groups along its last dim) at ~4.4 GB/s — for the cache, as a
 multiply then an add: a fused ``addcmul`` broadcasting a size-1 innermost dim ran at
@@ -65,6 +69,7 @@ C++/Triton; the executor should decode into a reused buffer (:func:`dequantize_i
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -304,13 +309,37 @@ def quantize(x: torch.Tensor, group_dim: int, group_size: int = GROUP_SIZE, bits
     return quantize_into(x, out)
 
 
+# Elements quantised per slice on the CPU: the float32 temporaries of a slice (512 KiB)
+# stay under a tight run's fixed mmap threshold, so they come from the heap and are
+# reused, and stay in L2.  A 512-token prefill's cache, [512, 512, 64] bfloat16, encoded
+# at 0.46 GB/s whole and 0.85 sliced here (0.39 and 0.7 under the tight allocator).
+QUANTIZE_SLICE_ELEMENTS = 1 << 17
+
+
 def quantize_into(x: torch.Tensor, out: QTensor) -> QTensor:
     """Quantise ``x`` (``out.shape``) into ``out``'s buffers, which may be views into a
-    bigger compressed tensor — e.g. ``cache.narrow(0, t, 1)`` for token ``t``."""
+    bigger compressed tensor — e.g. ``cache.narrow(0, t, 1)`` for token ``t``.  On the
+    CPU a big tensor grouped along its last dim (a cache) goes in slices along dim 0
+    (groups lie wholly inside a slice, so the bytes are the same); a weight, grouped
+    along dim 0, is quantised once, at its home, in column slices
+    (:func:`flexgraph.exec.homes._quantize_in_slices`)."""
     if tuple(x.shape) != out.shape:
         raise ValueError(f"quantize_into: tensor of shape {tuple(x.shape)} into QTensor of shape {out.shape}")
     if not x.is_floating_point():
         raise TypeError(f"can only quantise floating-point tensors, got {x.dtype}")
+    if (x.device.type == "cpu" and x.dim() > 1 and out.group_dim == x.dim() - 1
+            and x.numel() > QUANTIZE_SLICE_ELEMENTS):
+        n = x.shape[0]
+        step = max(1, QUANTIZE_SLICE_ELEMENTS // max(1, x.numel() // n))
+        if step < n:
+            for a in range(0, n, step):
+                b = min(n, a + step)
+                _quantize_slice(x[a:b], out.narrow(0, a, b - a))
+            return out
+    return _quantize_slice(x, out)
+
+
+def _quantize_slice(x: torch.Tensor, out: QTensor) -> QTensor:
     gd, gs = out.group_dim, out.group_size
     groups = _pad_groups(x, gd, gs).unflatten(gd, (out.num_groups, gs)).float()   # [.., G, gs, ..]
     lo, hi = torch.aminmax(groups, dim=gd + 1, keepdim=True)                       # [.., G, 1, ..]
@@ -327,11 +356,34 @@ def quantize_into(x: torch.Tensor, out: QTensor) -> QTensor:
 
 
 # ---- dequantise --------------------------------------------------------------------------------
-def _decode_groups(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor, gd: int) -> None:
-    """packed: [.., G, gs/2, ..] uint8; scale, mn: [.., G, 1, ..]; out: [.., G, gs, ..] (any strides)."""
+# Codes unpacked per slice on the CPU (packed bytes): big enough that the per-slice Python
+# overhead stays small (~8 slices for a 32 MiB weight), small enough to stay in L2.
+DECODE_SLICE_BYTES = 1 << 20
+_scratch = threading.local()
+
+
+def _code_scratch(nbytes: int) -> torch.Tensor:
+    """This thread's reused uint8 buffer of at least ``nbytes`` (CPU only: CPU ops are
+    synchronous, so a thread can reuse it at once; on a GPU two streams could race on
+    it, and the caching allocator already makes temporaries cheap there)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.numel() < nbytes:
+        with torch.inference_mode(False):       # a normal tensor: written in and out of inference mode
+            buf = _scratch.buf = torch.empty(nbytes, dtype=torch.uint8)
+    return buf[:nbytes]
+
+
+def _decode_slice(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor, gd: int,
+                  codes: torch.Tensor | None) -> None:
+    """packed: [.., G, gs/2, ..] uint8; scale, mn: [.., G, 1, ..]; out: [.., G, gs, ..] (any
+    strides); codes: a contiguous uint8 buffer of packed's shape, or None for temporaries."""
     pairs = out.unflatten(gd + 1, (packed.shape[gd + 1], 2))                        # [.., G, gs/2, 2, ..]
-    pairs.select(gd + 2, 0).copy_(packed >> 4)          # codes straight into the output, converted on copy
-    pairs.select(gd + 2, 1).copy_(packed & 0xF)
+    if codes is None:
+        pairs.select(gd + 2, 0).copy_(packed >> 4)      # codes straight into the output, converted on copy
+        pairs.select(gd + 2, 1).copy_(packed & 0xF)
+    else:
+        pairs.select(gd + 2, 0).copy_(torch.bitwise_right_shift(packed, 4, out=codes))
+        pairs.select(gd + 2, 1).copy_(torch.bitwise_and(packed, 0xF, out=codes))
     if gd + 1 == out.dim() - 1:
         # groups along the last dim (the KV cache): addcmul broadcasting a size-1 innermost
         # dim runs at half the speed of a multiply and an add here (2.2 vs 4.4 GB/s of
@@ -339,6 +391,23 @@ def _decode_groups(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, 
         out.mul_(scale).add_(mn)
     else:
         torch.addcmul(mn, out, scale, out=out)          # one fused, in-place pass: code * scale + mn
+
+
+def _decode_groups(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, out: torch.Tensor, gd: int) -> None:
+    """Decode into ``out`` (shapes as :func:`_decode_slice`); on the CPU slice by slice
+    along dim 0, which every operand shares (the groups for a weight, the rows for a
+    cache), through a reused scratch."""
+    if packed.device.type != "cpu" or packed.dim() == 0 or packed.numel() == 0:
+        _decode_slice(packed, scale, mn, out, gd, None)
+        return
+    n0 = packed.shape[0]
+    per_row = max(1, packed.numel() // n0)
+    step = max(1, DECODE_SLICE_BYTES // per_row)
+    scratch = _code_scratch(min(n0, step) * per_row)
+    for a in range(0, n0, step):
+        b = min(n0, a + step)
+        p = packed[a:b]
+        _decode_slice(p, scale[a:b], mn[a:b], out[a:b], gd, scratch[:p.numel()].view(p.shape))
 
 
 def dequantize_into(q: QTensor, out: torch.Tensor) -> torch.Tensor:
