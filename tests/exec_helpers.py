@@ -101,3 +101,18 @@ def run_tiny(store, tmp: Path, prompts: list[Prompt], gen_len: int, *, gbs: int,
                       trace_path=trace_path, options=ExecOptions(overlap=overlap, progress=False,
                                                                  record_logits=record_logits))
     return [line["output_ids"] for line in report.results], report, plan
+
+
+def record_row_major_keys(monkeypatch) -> list[bool]:
+    """Patch the attention kernel to note, for every call, whether the key buffer it is
+    handed is row-major (tokens D apart, not a strided view of a seq-major cache)."""
+    from flexgraph.models import layers
+    seen: list[bool] = []
+    attend = layers.attend
+
+    def recording(q, k, v, mask, scale):
+        seen.append(k.stride(2) == k.shape[3])
+        return attend(q, k, v, mask, scale)
+
+    monkeypatch.setattr(layers, "attend", recording)
+    return seen

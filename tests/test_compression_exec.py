@@ -29,7 +29,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exec_helpers import FAMILIES, GEN, GiB, LENGTHS, PLACEMENTS, assert_peaks_within_plan, prompts_of, run_tiny, tiny_case
+from exec_helpers import (FAMILIES, GEN, GiB, LENGTHS, PLACEMENTS, assert_peaks_within_plan, prompts_of,
+                          record_row_major_keys, run_tiny, tiny_case)
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, WEIGHT_GROUP_DIM, dequantize_into, fake_quantize, qlayout,
                                       qtensor_empty, quantize, quantize_into, should_compress)
 from flexgraph.errors import RuleViolation
@@ -436,15 +437,7 @@ def test_compressed_cache_on_disk_is_attended_row_major(family, monkeypatch):
     """The 4-bit disk cache is stored seq-major and decoded through a transposed view into
     a row-major buffer: every key buffer attended has its tokens D apart (attention over
     a strided seq-major view ran 3x slower on a CPU), and the outputs stay the reference's."""
-    from flexgraph.models import layers
-    strides = []
-    attend = layers.attend
-
-    def recording(q, k, v, mask, scale):
-        strides.append(k.stride(2) == k.shape[3])
-        return attend(q, k, v, mask, scale)
-
-    monkeypatch.setattr(layers, "attend", recording)
+    strides = record_row_major_keys(monkeypatch)
     got, logits, report, plan = _run(family, "cache", gbs=2, ngb=2, percent=(0, 100, 0, 0, 0, 100))
     _check_reference(family, "cache", got, logits, plan)
     assert report.metrics["disk_io"]["read_bytes"] > 0

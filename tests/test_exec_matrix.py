@@ -10,7 +10,7 @@ off; prefetch on and off.
 import pytest
 
 from exec_helpers import (FAMILIES, GEN, LENGTHS, PLACEMENTS, SHAPES, assert_peaks_within_plan, prompts_of, run_tiny,
-                          each_schedule, shape_id, tiny_case)
+                          each_schedule, record_row_major_keys, shape_id, tiny_case)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -70,15 +70,7 @@ def test_cache_on_disk_is_attended_row_major(family, monkeypatch):
     """A disk cache is stored seq-major (a token's rows in one write) but handed to the
     attention row-major: over the strided view attention ran 3x slower on a CPU.  The
     outputs stay transformers', and every key buffer attended has its tokens D apart."""
-    from flexgraph.models import layers
-    strides = []
-    attend = layers.attend
-
-    def recording(q, k, v, mask, scale):
-        strides.append(k.stride(2) == k.shape[3])
-        return attend(q, k, v, mask, scale)
-
-    monkeypatch.setattr(layers, "attend", recording)
+    strides = record_row_major_keys(monkeypatch)
     report, _ = _check(family, gbs=2, ngb=2, percent=(0, 100, 0, 0, 0, 100))
     assert report.metrics["disk_io"]["write_bytes"] > 0 and report.metrics["disk_io"]["read_bytes"] > 0
     assert strides and all(strides)

@@ -53,9 +53,9 @@ output in slices of ~1 MiB of codes, unpacking each slice's codes in a reused pe
 scratch (:func:`_decode_groups`): two half-size uint8 temporaries of a whole matrix are
 fresh mappings under a tight run's fixed mmap threshold (:mod:`flexgraph.malloc_threshold`),
 faulted in page by page, which halved the decode rate there (3.5 against 7.6 GB/s for a
-2048x8192 bfloat16 weight), and a slice's scratch stays in the core's L2.  ``python -c "from flexgraph.compress.quant import main; main()"``
-measures it: on a 2-core AMX Xeon a 4096x4096 bfloat16 weight decodes at ~7 GB/s of
-output, a KV cache (groups along its last dim) at ~4.4 GB/s — for the cache, as a
+2048x8192 bfloat16 weight), and a slice's scratch stays in the core's L2.
+``python -c "from flexgraph.compress.quant import main; main()"`` measures it: on a
+2-core AMX Xeon a 4096x4096 bfloat16 weight decodes at ~7 GB/s of output, a KV cache (groups along its last dim) at ~4.4 GB/s — for the cache, as a
 multiply then an add: a fused ``addcmul`` broadcasting a size-1 innermost dim ran at
 half that.  Earlier measurements on other 2-core machines: 1.8-2.6 GB/s for the weight.
 Fusing the decode into the matmul does not pay in plain torch on a CPU: the factorised

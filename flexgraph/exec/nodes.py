@@ -256,8 +256,8 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             kb, vb = _row_major_prefix(st, at, (seg.k_disk, seg.v_disk), total, prefix, r, d)
             buf[seg.tier] = (kb, vb, None, None)
         elif seg.tier == "disk":
-            # seq-major [T, r, D]: the prefix is one contiguous read; attention reads it
-            # through the strided view after decoding it into the working dtype
+            # kept in another dtype: read seq-major [T, r, D] as stored (one contiguous
+            # read); _cache_segments converts it into a row-major working-dtype buffer
             kb = st.tiers.working(at, (total, r, d), st.cache_dtype)
             vb = st.tiers.working(at, (total, r, d), st.cache_dtype)
             nb = prefix * r * d * st.cache_dtype.itemsize
@@ -543,7 +543,6 @@ def _seq_major_tokens(st: RunState, rows: torch.Tensor, a: int, b: int) -> torch
         if out.data_ptr() % ALIGN:
             out = aligned_empty((b - a, r, d), rows.dtype)
     return out.copy_(rows[:, a:b].transpose(0, 1))
-
 
 
 def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
