@@ -397,7 +397,7 @@ def _decode_groups(packed: torch.Tensor, scale: torch.Tensor, mn: torch.Tensor, 
     """Decode into ``out`` (shapes as :func:`_decode_slice`); on the CPU slice by slice
     along dim 0, which every operand shares (the groups for a weight, the rows for a
     cache), through a reused scratch."""
-    if packed.device.type != "cpu" or packed.dim() == 0 or packed.numel() == 0:
+    if packed.device.type != "cpu" or packed.numel() == 0:
         _decode_slice(packed, scale, mn, out, gd, None)
         return
     n0 = packed.shape[0]

@@ -53,7 +53,6 @@ import torch.nn.functional as F
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize_into, dequantize_rows,
                                       qtensor_from_bytes, quantize_into)
 from flexgraph.errors import ExecutionError
-from flexgraph.exec.diskio import ALIGN, aligned_empty
 from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
 from flexgraph.graph.builder import chunk_rows
 from flexgraph.models import layers as L
@@ -531,18 +530,12 @@ def _encode_into(dense: torch.Tensor, stored) -> None:
 
 
 # ---- stores --------------------------------------------------------------------------------
-def _seq_major_tokens(st: RunState, rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
-    """Tokens [a, b) of a row-major [r, T, D] cache buffer as a contiguous seq-major
-    [b - a, r, D] tensor on its device; on the host page-aligned (from the pool, or on
-    its own when small), so the disk write bypasses the page cache."""
+def _seq_major_tokens(st: RunState, tier: str, rows: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Tokens [a, b) of a row-major [r, T, D] cache buffer on ``tier`` as a contiguous
+    seq-major [b - a, r, D] working copy there (page-aligned on the host, so the disk
+    write bypasses the page cache)."""
     r, _, d = rows.shape
-    if rows.device.type != "cpu":
-        out = torch.empty((b - a, r, d), dtype=rows.dtype, device=rows.device)
-    else:
-        out = st.tiers.pool.empty((b - a, r, d), rows.dtype)
-        if out.data_ptr() % ALIGN:
-            out = aligned_empty((b - a, r, d), rows.dtype)
-    return out.copy_(rows[:, a:b].transpose(0, 1))
+    return st.tiers.working(tier, (b - a, r, d), rows.dtype).copy_(rows[:, a:b].transpose(0, 1))
 
 
 def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
@@ -566,7 +559,8 @@ def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
         if seg.tier == "disk":
             row_bytes = (seg.rows.stop - seg.rows.start) * st.spec.head_dim * st.cache_dtype.itemsize
             if k_raw is None:                # held row-major (load_cache): the new tokens go back seq-major
-                k_new, v_new = _seq_major_tokens(st, k_view, a, b), _seq_major_tokens(st, v_view, a, b)
+                at = st.attn_tier(seg.tier, i)
+                k_new, v_new = _seq_major_tokens(st, at, k_view, a, b), _seq_major_tokens(st, at, v_view, a, b)
             else:
                 k_new, v_new = k_raw[a:b], v_raw[a:b]
             st.tiers.write(seg.k_disk, k_new, a * row_bytes)
