@@ -21,7 +21,8 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicCache
 
-from exec_helpers import (FAMILIES, GEN, LENGTHS, PLACEMENTS, SHAPES, assert_peaks_within_plan, prompts_of, run_tiny,
+from exec_helpers import (FAMILIES, GEN, LENGTHS, PLACEMENTS, SHAPES, assert_peaks_within_plan, prompts_of,
+                          record_row_major_keys, run_tiny,
                           each_schedule, shape_id, tiny_store)
 from flexgraph.calibrate import Calibration
 from flexgraph.cli import main
@@ -122,6 +123,27 @@ def test_bfloat16_storage_reads_half_the_bytes_from_disk(family):
         b.get("disk", 0) for b in policy_weight_placement(store.spec, f32_plan.policy).bytes_per_tier)
     assert plan.residency["home"]["disk"] < 0.6 * f32_copy
 
+
+
+def test_bfloat16_disk_cache_is_converted_from_a_row_major_buffer(family, monkeypatch):
+    """The disk keeps the cache seq-major; the load lane lays it out row-major in bfloat16,
+    so the compute converts it with a contiguous copy (through the transposed view of a
+    seq-major buffer the conversion ran at under half the rate) and attends row-major.
+    The outputs stay the reference's."""
+    from flexgraph.exec import nodes
+    converted: list[bool] = []
+    decode_into = nodes._decode_into
+
+    def recording(stored, out):          # [r, T, D] both, each row's tokens D apart
+        converted.append(all(t.stride()[1:] == (t.shape[2], 1) for t in (stored, out)))
+        return decode_into(stored, out)
+
+    monkeypatch.setattr(nodes, "_decode_into", recording)
+    strides = record_row_major_keys(monkeypatch)
+    report, _plan = _run(family, gbs=2, ngb=2, percent=(0, 100, 0, 0, 0, 100))
+    assert report.metrics["disk_io"]["read_bytes"] > 0
+    assert converted and all(converted)
+    assert strides and all(strides)
 
 def test_homes_hold_the_matrices_and_the_cache_at_the_storage_size():
     spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))

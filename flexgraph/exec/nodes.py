@@ -7,8 +7,9 @@ buffer id reused later in the path (an activation stored away and loaded back) n
 collides with its earlier instance.
 
 Layouts: a working weight buffer is {role: tensor}; a cache working buffer is
-{tier: (k, v)} with ``k, v: [r, T, D]`` views (seq-major storage underneath for rows
-homed on disk); an activation is ``[B, s, H]`` (token ids ``[B]`` after the head).
+{tier: (k, v)} with ``k, v: [r, T, D]`` row-major, in the dtype the cache is kept in
+(rows homed on disk are stored seq-major ``[T, r, D]`` and transposed as they are
+loaded); an activation is ``[B, s, H]`` (token ids ``[B]`` after the head).
 
 Compression (:mod:`flexgraph.compress.quant`): a compressed weight stays a ``QTensor``
 in homes and working buffers and is decoded in ``compute`` right before its product, one
@@ -245,31 +246,23 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
                 buf[seg.tier] = _QRows(kq, vq, False)
             sizes[at] = sizes.get(at, 0) + kq.nbytes + vq.nbytes
             continue
-        if seg.tier == "disk" and st.cache_dtype == st.dtype:
-            # read seq-major [T, r, D] (the prefix is one contiguous read), then laid out
-            # row-major [r, T, D] for the attention: over the strided [r, T, D] view of a
-            # seq-major buffer PyTorch's attention ran 3x slower here (OPT-1.3B decode,
-            # 16 x 528 tokens: 81 ms a layer against 28 ms with this copy), and the copy
-            # runs on this load lane, beside the compute.  The stores write the new
+        if seg.tier == "disk":
+            # read seq-major [T, r, D] as stored (the prefix is one contiguous read), then
+            # laid out row-major [r, T, D], still in the stored dtype, for the attention:
+            # over the strided [r, T, D] view of a seq-major buffer PyTorch's attention ran
+            # 3x slower here (OPT-1.3B decode, 16 x 528 tokens: 81 ms a layer against 28 ms
+            # with this copy), and converting bfloat16 to float32 through that view 14 ms
+            # for one of K, V against 5 + 3.8 for this copy and a contiguous conversion.
+            # The copy runs on this load lane, beside the compute; the stores write the new
             # tokens back seq-major (store_cache).
             kb, vb = _row_major_prefix(st, at, (seg.k_disk, seg.v_disk), total, prefix, r, d)
-            buf[seg.tier] = (kb, vb, None, None)
-        elif seg.tier == "disk":
-            # kept in another dtype: read seq-major [T, r, D] as stored (one contiguous
-            # read); _cache_segments converts it into a row-major working-dtype buffer
-            kb = st.tiers.working(at, (total, r, d), st.cache_dtype)
-            vb = st.tiers.working(at, (total, r, d), st.cache_dtype)
-            nb = prefix * r * d * st.cache_dtype.itemsize
-            st.tiers.read(seg.k_disk, kb, nb)
-            st.tiers.read(seg.v_disk, vb, nb)
-            buf[seg.tier] = (kb.permute(1, 0, 2), vb.permute(1, 0, 2), kb, vb)
         else:
             kb = st.tiers.working(at, (r, total, d), st.cache_dtype)
             vb = st.tiers.working(at, (r, total, d), st.cache_dtype)
             if prefix:
                 kb[:, :prefix].copy_(seg.k[:, :prefix], non_blocking=True)
                 vb[:, :prefix].copy_(seg.v[:, :prefix], non_blocking=True)
-            buf[seg.tier] = (kb, vb, kb, vb)
+        buf[seg.tier] = (kb, vb)
         sizes[at] = sizes.get(at, 0) + 2 * _nbytes(kb)
     st.put(keys[("Cb", i, j, k)], buf, sizes)
 
@@ -277,14 +270,16 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
 def _row_major_prefix(st: RunState, at: str, disks: tuple[DiskTensor, ...], total: int, prefix: int, r: int,
                       d: int) -> list[torch.Tensor]:
     """For each seq-major [S, r, D] disk cache in ``disks`` (keys, values), a [r, total, D]
-    working buffer on tier ``at`` holding its first ``prefix`` tokens.  Both prefixes are
-    read into staging buffers before either is transposed, so the disk is not left idle
-    between them; the staging buffers go back to the pool when this returns."""
-    out = [st.tiers.working(at, (r, total, d), st.dtype) for _ in disks]
+    working buffer on tier ``at``, in the dtype the cache is kept in, holding its first
+    ``prefix`` tokens.  Both prefixes are read into staging buffers before either is
+    transposed, so the disk is not left idle between them; the staging buffers go back to
+    the pool when this returns."""
+    dtype = st.cache_dtype
+    out = [st.tiers.working(at, (r, total, d), dtype) for _ in disks]
     if prefix:
-        staged = [st.tiers.working(at, (prefix, r, d), st.dtype) for _ in disks]
+        staged = [st.tiers.working(at, (prefix, r, d), dtype) for _ in disks]
         for disk, buf in zip(disks, staged):
-            st.tiers.read(disk, buf, prefix * r * d * st.dtype.itemsize)
+            st.tiers.read(disk, buf, prefix * r * d * dtype.itemsize)
         for o, buf in zip(out, staged):
             o[:, :prefix].copy_(buf.transpose(0, 1))
     return out
@@ -469,8 +464,7 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
             if st.attn_tier(seg.tier, i) == seg.tier:    # attended where it lives
                 segs.append((seg.rows, seg.k, seg.v))
             else:
-                kv = working[seg.tier]
-                segs.append((seg.rows, kv[0], kv[1]))
+                segs.append((seg.rows, *working[seg.tier]))
         return segs, None
     step = st.step(i, k)
     slot, new = step.slot, step.new
@@ -486,11 +480,11 @@ def _cache_segments(st: RunState, i: int, j: int, k: int, keys: dict):
             rows = working[seg.tier]
             src, seq_major = (rows.k, rows.v), rows.seq_major
         else:
-            kv = working[seg.tier]   # (k view, v view, k as stored, v as stored)
-            src, seq_major = (kv[2], kv[3]), seg.tier == "disk"
+            src, seq_major = working[seg.tier], False     # row-major [r, T, D] (load_cache)
         # decoded into a row-major [r, T, D] buffer whatever the stored layout: a seq-major
-        # one (the disk's) is decoded through its transposed view, which halves the decode
-        # rate, but attention over a strided view of a seq-major buffer ran 3x slower
+        # one (the 4-bit disk cache's) is decoded through its transposed view, which halves
+        # the decode rate, but attention over a strided view of a seq-major buffer ran 3x
+        # slower
         tok = 0 if seq_major else 1          # the token dim of the stored layout
         space = st.scratch(("Xc", at))
         dense = []
@@ -555,19 +549,15 @@ def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
                 seg.kq.narrow(1, a, b - a).copy_(rows.k.narrow(1, a, b - a))
                 seg.vq.narrow(1, a, b - a).copy_(rows.v.narrow(1, a, b - a))
             continue
-        k_view, v_view, k_raw, v_raw = working[seg.tier]
-        if seg.tier == "disk":
+        kb, vb = working[seg.tier]           # row-major [r, T, D], as kept (load_cache)
+        if seg.tier == "disk":              # the new tokens go back seq-major
             row_bytes = (seg.rows.stop - seg.rows.start) * st.spec.head_dim * st.cache_dtype.itemsize
-            if k_raw is None:                # held row-major (load_cache): the new tokens go back seq-major
-                at = st.attn_tier(seg.tier, i)
-                k_new, v_new = _seq_major_tokens(st, at, k_view, a, b), _seq_major_tokens(st, at, v_view, a, b)
-            else:
-                k_new, v_new = k_raw[a:b], v_raw[a:b]
-            st.tiers.write(seg.k_disk, k_new, a * row_bytes)
-            st.tiers.write(seg.v_disk, v_new, a * row_bytes)
+            at = st.attn_tier(seg.tier, i)
+            st.tiers.write(seg.k_disk, _seq_major_tokens(st, at, kb, a, b), a * row_bytes)
+            st.tiers.write(seg.v_disk, _seq_major_tokens(st, at, vb, a, b), a * row_bytes)
         else:
-            seg.k[:, a:b].copy_(k_view[:, a:b], non_blocking=True)
-            seg.v[:, a:b].copy_(v_view[:, a:b], non_blocking=True)
+            seg.k[:, a:b].copy_(kb[:, a:b], non_blocking=True)
+            seg.v[:, a:b].copy_(vb[:, a:b], non_blocking=True)
     st.put(keys[("Cstored", i, j, k)], True, {})
 
 
