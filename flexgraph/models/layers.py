@@ -49,11 +49,15 @@ def role_of(name: str) -> str:
 
 # ---- activations and norms --------------------------------------------------------------
 def activation(spec: ModelSpec, x: torch.Tensor) -> torch.Tensor:
+    """The MLP's activation of ``x``, in place where PyTorch has an in-place kernel
+    (ReLU, SiLU): ``x`` is always a product's fresh output that nothing else reads, and a
+    second [B, s, ffn] tensor is the largest intermediate of a prefill — under a tight
+    run's allocator each one is a fresh mapping faulted in page by page."""
     act = spec.activation
     if act == "relu":
-        return F.relu(x)
+        return F.relu(x, inplace=True)
     if act == "silu":
-        return F.silu(x)
+        return F.silu(x, inplace=True)
     if act == "gelu":
         return F.gelu(x)
     return F.gelu(x, approximate="tanh")
@@ -226,8 +230,8 @@ def attention_norm(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor
 
 
 def attention_residual(spec: ModelSpec, w: Weights, h: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    # h, out: [B, s, H] -> [B, s, H]
-    h = h + out
+    # h, out: [B, s, H] -> [B, s, H]; ``out`` is a product's fresh output: h + out goes into it
+    h = out.add_(h)
     if spec.family == "opt" and not spec.do_layer_norm_before:
         h = layer_norm(h, w, "self_attn_layer_norm", spec)
     return h
@@ -242,11 +246,12 @@ def mlp(spec: ModelSpec, w: Weights, h: torch.Tensor) -> torch.Tensor:
     # h: [B, s, H] -> [B, s, H], norm and residual included
     if spec.family == "llama":
         x = rms_norm(h, w["post_attention_layernorm.weight"], spec.norm_eps)
-        x = linear(activation(spec, linear(x, w, "mlp.gate_proj")) * linear(x, w, "mlp.up_proj"), w, "mlp.down_proj")
-        return h + x
+        gate = activation(spec, linear(x, w, "mlp.gate_proj"))
+        x = linear(gate.mul_(linear(x, w, "mlp.up_proj")), w, "mlp.down_proj")    # in place: as activation
+        return x.add_(h)                        # h + x, into the product's fresh output
     x = layer_norm(h, w, "final_layer_norm", spec) if spec.do_layer_norm_before else h
     x = linear(activation(spec, linear(x, w, "fc1")), w, "fc2")
-    h = h + x
+    h = x.add_(h)                               # h + x, into the product's fresh output
     return h if spec.do_layer_norm_before else layer_norm(h, w, "final_layer_norm", spec)
 
 
