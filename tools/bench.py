@@ -101,9 +101,8 @@ def _flexgraph_cmd(*args: str) -> list[str]:
 
 def prepare_model(sc: Scenario) -> str:
     """Write dummy weights (in each dtype flexgraph's plan may keep them in: the one it
-    computes in, and bfloat16 where that is float32) and the peers' Hugging Face folder
-    before any capped run (neither is part of what is measured); returns the dtype
-    flexgraph will compute in."""
+    computes in, and bfloat16 where that is float32) before any capped run (that is not
+    part of what is measured); returns the dtype flexgraph will compute in."""
     from flexgraph.plan.planner import Knobs, default_dtype, storage_choices
     from flexgraph.plan.policy import DTYPES
     from flexgraph.weights.resolve import materialize, resolve_model
@@ -111,7 +110,6 @@ def prepare_model(sc: Scenario) -> str:
     ref = resolve_model(sc.model, dummy=sc.dummy)
     for kept in storage_choices(Knobs(), dtype) if sc.dummy else [None]:
         materialize(ref, dtype=DTYPES[kept or dtype] if sc.dummy else None, progress=True)
-    _tool("peers").hf_folder(sc.model, dtype="bfloat16", progress=True)
     return dtype
 
 
@@ -170,10 +168,12 @@ def _last_error(stderr: bytes | None) -> str:
 
 def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None,
              huge_pages: bool = False, dtype: str = "bfloat16", system: str | None = None) -> Row:
-    """The best batch of the peer's sweep, computing in ``dtype`` (its weights are read
-    from the bfloat16 folder and converted as it loads them)."""
+    """The best batch of the peer's sweep, computing in ``dtype``, from a checkpoint in
+    that dtype (written here, before the capped runs): Accelerate converting a bfloat16
+    checkpoint to float32 as it loads was OOM-killed under (b)'s 3 GiB cap at batch 1,
+    while loading, and a user computing in float32 would convert the checkpoint once."""
     peers = _tool("peers")
-    model_dir = peers.hf_folder(sc.model, dtype="bfloat16", progress=False)
+    model_dir = peers.hf_folder(sc.model, dtype=dtype, progress=True)
     results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, dtype, timeout=timeout,
                           huge_pages=huge_pages,
                           on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
