@@ -243,3 +243,26 @@ def test_search_stores_bfloat16_when_the_disk_bounds_and_not_when_conversion_is_
     cands = search_policy(spec, wl, roomy, Knobs(dtype="float32", storage_dtype="bfloat16"),
                           _model(spec, cast=0.5 * GB))
     assert {c.policy.storage_dtype for c in cands} == {"bfloat16"}
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_chunked_product_writes_each_chunk_into_the_output(monkeypatch, with_bias):
+    """A bfloat16 matrix multiplied a chunk of rows at a time: each chunk's product goes
+    straight into its columns of the output, with no product-sized temporary per chunk
+    (a prefill's were fresh 134 MB mappings), and the result is the product with the
+    converted matrix."""
+    from torch.profiler import ProfilerActivity, profile
+    from flexgraph.exec import nodes
+    monkeypatch.setattr(nodes, "chunk_rows", lambda cols, itemsize, tokens: 64)
+    torch.manual_seed(0)
+    weight = torch.randn(320, 96).to(torch.bfloat16)                  # 5 chunks of 64 rows
+    bias = torch.randn(320) if with_bias else None
+    x = torch.randn(2, 50, 96)
+    w = nodes._Decoded({"fc.weight": weight, **({"fc.bias": bias} if with_bias else {})}, torch.float32)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        got = w.linear(x, "fc")
+    expected = torch.nn.functional.linear(x, weight.float(), bias)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    chunk_out = 2 * 50 * 64 * 4
+    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+    assert sizes.count(got.numel() * 4) == 1 and chunk_out not in sizes, sorted(sizes)

@@ -407,10 +407,20 @@ class _Decoded(Mapping):
         rows = chunk_rows(cols, self._dtype.itemsize, x.numel() // cols)
         if rows >= n_out:
             return F.linear(x, self._decode(t), bias)
+        # each chunk's product goes straight into its columns of the output (a BLAS
+        # product writes a row-major block with any row stride): a product's own output
+        # and a copy per chunk cost a prefill's fc1 (OPT-1.3B, 16 x 512 tokens) two fresh
+        # 134 MB temporaries and a 268 MB copy
+        x2 = x.reshape(-1, cols)
         out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
+        out2 = out.view(-1, n_out)
         for a in range(0, n_out, rows):
             n = min(rows, n_out - a)
-            out[..., a:a + n] = F.linear(x, self._decode(_row_chunk(t, a, n)), None if bias is None else bias[a:a + n])
+            w = self._decode(_row_chunk(t, a, n))
+            if bias is None:
+                torch.mm(x2, w.t(), out=out2[:, a:a + n])
+            else:
+                torch.addmm(bias[a:a + n], x2, w.t(), out=out2[:, a:a + n])
         return out
 
     def __contains__(self, role) -> bool:
