@@ -116,3 +116,13 @@ def record_row_major_keys(monkeypatch) -> list[bool]:
 
     monkeypatch.setattr(layers, "attend", recording)
     return seen
+
+
+def with_allocations(fn):
+    """``(fn(), sizes)``: its result and the sizes (bytes) of the CPU allocations the ops
+    themselves make while it runs (each op's own, not its children's, so one allocation
+    is counted once)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    return result, [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]

@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from exec_helpers import (FAMILIES, GEN, LENGTHS, PLACEMENTS, SHAPES, assert_peaks_within_plan, prompts_of,
-                          record_row_major_keys, run_tiny,
+                          record_row_major_keys, with_allocations, run_tiny,
                           each_schedule, shape_id, tiny_store)
 from flexgraph.calibrate import Calibration
 from flexgraph.cli import main
@@ -251,7 +251,6 @@ def test_a_chunked_product_writes_each_chunk_into_the_output(monkeypatch, with_b
     straight into its columns of the output, with no product-sized temporary per chunk
     (a prefill's were fresh 134 MB mappings), and the result is the product with the
     converted matrix."""
-    from torch.profiler import ProfilerActivity, profile
     from flexgraph.exec import nodes
     monkeypatch.setattr(nodes, "chunk_rows", lambda cols, itemsize, tokens: 64)
     torch.manual_seed(0)
@@ -259,10 +258,8 @@ def test_a_chunked_product_writes_each_chunk_into_the_output(monkeypatch, with_b
     bias = torch.randn(320) if with_bias else None
     x = torch.randn(2, 50, 96)
     w = nodes._Decoded({"fc.weight": weight, **({"fc.bias": bias} if with_bias else {})}, torch.float32)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        got = w.linear(x, "fc")
+    got, sizes = with_allocations(lambda: w.linear(x, "fc"))
     expected = torch.nn.functional.linear(x, weight.float(), bias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     chunk_out = 2 * 50 * 64 * 4
-    sizes = [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
     assert sizes.count(got.numel() * 4) == 1 and chunk_out not in sizes, sorted(sizes)
