@@ -18,7 +18,7 @@ from flexgraph.models.spec import MLP, ModelSpec
 from exec_helpers import with_allocations
 from hf_tiny import tiny_model
 
-B, S = 3, 40
+B, S = 3, 100                   # a prefill's products: more rows than L.SKINNY_ROWS
 
 
 def _mlp_case(name: str):

@@ -256,10 +256,10 @@ def test_a_chunked_product_writes_each_chunk_into_the_output(monkeypatch, with_b
     torch.manual_seed(0)
     weight = torch.randn(320, 96).to(torch.bfloat16)                  # 5 chunks of 64 rows
     bias = torch.randn(320) if with_bias else None
-    x = torch.randn(2, 50, 96)
+    x = torch.randn(3, 100, 96)                  # a prefill's rows (more than L.SKINNY_ROWS)
     w = nodes._Decoded({"fc.weight": weight, **({"fc.bias": bias} if with_bias else {})}, torch.float32)
     got, sizes = with_allocations(lambda: w.linear(x, "fc"))
     expected = torch.nn.functional.linear(x, weight.float(), bias)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    chunk_out = 2 * 50 * 64 * 4
+    chunk_out = 3 * 100 * 64 * 4
     assert sizes.count(got.numel() * 4) == 1 and chunk_out not in sizes, sorted(sizes)

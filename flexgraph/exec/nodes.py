@@ -49,7 +49,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize_into, dequantize_rows,
                                       qtensor_from_bytes, quantize_into)
@@ -57,6 +56,7 @@ from flexgraph.errors import ExecutionError
 from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
 from flexgraph.graph.builder import chunk_rows
 from flexgraph.models import layers as L
+from flexgraph.models.layers import dense_linear, is_skinny, skinny_product
 from flexgraph.models.forward import EAGER, compute_layer
 from flexgraph.models.sampling import SamplingParams, sample
 from flexgraph.models.spec import ATTN, EMBED, HEAD, ModelSpec
@@ -402,16 +402,25 @@ class _Decoded(Mapping):
         # x: [..., K] -> [..., N], the weight [N, K] decoded a chunk of rows at a time
         t, bias = self._w[f"{prefix}.weight"], self._w.get(f"{prefix}.bias")
         if not isinstance(t, QTensor) and t.dtype == self._dtype:
-            return F.linear(x, t, bias)
+            return dense_linear(x, t, bias)
         n_out, cols = t.shape[0], t.shape[1]
-        rows = chunk_rows(cols, self._dtype.itemsize, x.numel() // cols)
+        m = x.numel() // cols
+        rows = chunk_rows(cols, self._dtype.itemsize, m)
         if rows >= n_out:
-            return F.linear(x, self._decode(t), bias)
+            return dense_linear(x, self._decode(t), bias)
+        x2 = x.reshape(m, cols)
+        if is_skinny(m, x):
+            # as dense_linear: each chunk's rows of weight @ x^T are rows of out_t
+            out_t = torch.empty(n_out, m, dtype=x.dtype, device=x.device)
+            for a in range(0, n_out, rows):
+                n = min(rows, n_out - a)
+                skinny_product(x2, self._decode(_row_chunk(t, a, n)), None if bias is None else bias[a:a + n],
+                               out_t=out_t[a:a + n])
+            return out_t.t().contiguous().view(*x.shape[:-1], n_out)
         # each chunk's product goes straight into its columns of the output (a BLAS
         # product writes a row-major block with any row stride): a product's own output
         # and a copy per chunk cost a prefill's fc1 (OPT-1.3B, 16 x 512 tokens) two fresh
         # 134 MB temporaries and a 268 MB copy
-        x2 = x.reshape(-1, cols)
         out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
         out2 = out.view(-1, n_out)
         for a in range(0, n_out, rows):
