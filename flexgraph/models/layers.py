@@ -88,8 +88,9 @@ def linear(x: torch.Tensor, w: Weights, prefix: str) -> torch.Tensor:
 # CPU in float32 as (W @ x^T)^T.  MKL's GEMM packs its right-hand operand on each call,
 # and in x @ W^T that is the whole weight; with the weight on the left it packs the few
 # rows instead.  On the 12-06 EPYC (AVX2, MKL) that ran 1.2-2.2x faster from 8 to 256
-# rows for OPT's and Llama's matrices, and the same from 512 rows (no longer skinny).
-# bfloat16 products go through oneDNN, where it was not measured.
+# rows for OPT-1.3B's and OPT-6.7B's matrices, and no faster at 512 (the transposing
+# copy it needs is one [rows, N] pass).  bfloat16 products go through oneDNN, where it
+# was not measured.
 SKINNY_ROWS = 256
 
 
