@@ -56,8 +56,8 @@ from typing import Callable
 import torch
 
 from flexgraph.fileio import write_json_atomic
-from flexgraph.models.layers import dense_linear
 from flexgraph.log import get_logger
+from flexgraph.models.layers import dense_linear
 
 log = get_logger(__name__)
 VERSION = 6          # bump when what is measured changes (5: unfused KV cache decode, median disk read;

@@ -16,26 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
+from flexgraph.calibrate import _best_time
 from flexgraph.models import layers as L
 from flexgraph.models.builtin import builtin_config
 from flexgraph.models.spec import EMBED, ModelSpec
-
-
-def best_seconds(fn, rounds: int = 3, min_seconds: float = 0.2) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        n, start = 0, time.perf_counter()
-        while n == 0 or time.perf_counter() - start < min_seconds:
-            fn()
-            n += 1
-        best = min(best, (time.perf_counter() - start) / n)
-    return best
 
 
 def matrix_shapes(spec: ModelSpec) -> list[tuple[int, int]]:
@@ -59,17 +47,17 @@ def main() -> None:
     spec = ModelSpec.from_hf_config(builtin_config(args.model))
     rows_list = [int(r) for r in args.rows.split(",")]
     big = torch.randn(2048, 2048)
-    peak = 2 * 2048 ** 3 / best_seconds(lambda: big @ big)            # FLOP/s of a large product
+    peak = 2 * 2048 ** 3 / _best_time(lambda: big @ big, min_seconds=0.2)  # FLOP/s of a large product
     src, dst = torch.empty(64 << 20, dtype=torch.uint8), torch.empty(64 << 20, dtype=torch.uint8)
-    mem = 2 * src.numel() / best_seconds(lambda: dst.copy_(src))        # bytes/s read + written
+    mem = 2 * src.numel() / _best_time(lambda: dst.copy_(src), min_seconds=0.2)  # bytes/s read + written
     results = []
     torch.manual_seed(0)
     for n, k in matrix_shapes(spec):
         weight = torch.randn(n, k)
         for rows in rows_list:
             x = torch.randn(rows, k)
-            t_linear = best_seconds(lambda: F.linear(x, weight))
-            t_engine = best_seconds(lambda: L.dense_linear(x, weight, None))
+            t_linear = _best_time(lambda: F.linear(x, weight), min_seconds=0.2)
+            t_engine = _best_time(lambda: L.dense_linear(x, weight, None), min_seconds=0.2)
             flops, nbytes = 2 * rows * n * k, weight.numel() * 4
             # the roofline: the weight read once at memory bandwidth, or the FLOPs at the large-product rate
             roof = max(nbytes / mem, flops / peak)

@@ -408,29 +408,23 @@ class _Decoded(Mapping):
         rows = chunk_rows(cols, self._dtype.itemsize, m)
         if rows >= n_out:
             return dense_linear(x, self._decode(t), bias)
-        x2 = x.reshape(m, cols)
-        if is_skinny(m, x):
-            # as dense_linear: each chunk's rows of weight @ x^T are rows of out_t
-            out_t = torch.empty(n_out, m, dtype=x.dtype, device=x.device)
-            for a in range(0, n_out, rows):
-                n = min(rows, n_out - a)
-                skinny_product(x2, self._decode(_row_chunk(t, a, n)), None if bias is None else bias[a:a + n],
-                               out_t=out_t[a:a + n])
-            return out_t.t().contiguous().view(*x.shape[:-1], n_out)
-        # each chunk's product goes straight into its columns of the output (a BLAS
-        # product writes a row-major block with any row stride): a product's own output
-        # and a copy per chunk cost a prefill's fc1 (OPT-1.3B, 16 x 512 tokens) two fresh
-        # 134 MB temporaries and a 268 MB copy
-        out = torch.empty(*x.shape[:-1], n_out, dtype=x.dtype, device=x.device)
-        out2 = out.view(-1, n_out)
+        # each chunk's product goes straight into its part of the output (a BLAS product
+        # writes a row-major block with any row stride): a product's own output and a copy
+        # per chunk cost a prefill's fc1 (OPT-1.3B, 16 x 512 tokens) two fresh 134 MB
+        # temporaries and a 268 MB copy.  A skinny product (as dense_linear) fills rows of
+        # weight @ x^T, then transposes once; any other fills columns of x @ weight^T.
+        x2, skinny = x.reshape(m, cols), is_skinny(m, x)
+        out2 = torch.empty((n_out, m) if skinny else (m, n_out), dtype=x.dtype, device=x.device)
         for a in range(0, n_out, rows):
             n = min(rows, n_out - a)
-            w = self._decode(_row_chunk(t, a, n))
-            if bias is None:
+            w, b = self._decode(_row_chunk(t, a, n)), None if bias is None else bias[a:a + n]
+            if skinny:
+                skinny_product(x2, w, b, out_t=out2[a:a + n])
+            elif b is None:
                 torch.mm(x2, w.t(), out=out2[:, a:a + n])
             else:
-                torch.addmm(bias[a:a + n], x2, w.t(), out=out2[:, a:a + n])
-        return out
+                torch.addmm(b, x2, w.t(), out=out2[:, a:a + n])
+        return (out2.t().contiguous() if skinny else out2).view(*x.shape[:-1], n_out)
 
     def __contains__(self, role) -> bool:
         return role in self._w
