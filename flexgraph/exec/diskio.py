@@ -11,6 +11,12 @@ chunks served by a small thread pool, so several requests are in flight at once 
 an NVMe drive needs to reach its bandwidth).  ``tools/bench_io.py`` compares this with
 aiofiles, which returns fresh ``bytes`` objects that must then be copied.
 
+Row-wise transfers (:meth:`DiskIO.read_rows_into`, :meth:`DiskIO.write_rows_from`) move
+a file region that holds rows back to back into or out of the rows of a tensor whose
+rows are *not* back to back (a KV cache buffer with room for more tokens per row): one
+``preadv``/``pwritev`` per request, with one buffer per row, so the bytes land where
+they belong with no staging copy.
+
 A full disk (``ENOSPC``/``EDQUOT``) becomes an :class:`ExecutionError` naming the
 folder and what to do.  ``statistics()`` snapshots bytes and time per direction.
 """
@@ -32,6 +38,7 @@ from flexgraph.errors import ExecutionError
 
 CHUNK = 4 << 20          # bytes per request: several in flight is what the drive needs
 ALIGN = 4096             # O_DIRECT wants buffer address, file offset and length in these units
+IOV_MAX = 1024           # buffers one preadv/pwritev takes (Linux's UIO_MAXIOV)
 
 
 @dataclass(frozen=True)
@@ -164,14 +171,51 @@ class DiskIO:
         if whole < len(mv):
             self._transfer(fd, offset + whole, mv[whole:], write=True, path=path)
 
+    def read_rows_into(self, path: str | Path, offset: int, out: torch.Tensor) -> None:
+        """Fill each row ``out[i]`` (contiguous itself; rows any distance apart) from the
+        rows stored back to back in ``path`` at ``offset``."""
+        self._rows(path, offset, out, write=False)
+
+    def write_rows_from(self, path: str | Path, offset: int, src: torch.Tensor) -> None:
+        """Write the rows ``src[i]`` (each contiguous; any distance apart) back to back
+        into ``path`` at ``offset``."""
+        self._rows(path, offset, src, write=True)
+
+    def _rows(self, path, offset: int, t: torch.Tensor, write: bool) -> None:
+        rows = t.shape[0]
+        row_bytes = t[0].numel() * t.element_size() if rows else 0
+        if rows == 0 or row_bytes == 0:
+            return
+        if t.device.type != "cpu" or not t[0].is_contiguous():
+            raise ValueError("row-wise disk I/O needs CPU rows that are each contiguous")
+        stride = t.stride(0) * t.element_size()
+        base = t.data_ptr()
+        # the whole storage from the first row to the end of the last, as bytes
+        span = torch.empty(0, dtype=torch.uint8).set_(t.untyped_storage(), t.storage_offset() * t.element_size(),
+                                                      ((rows - 1) * stride + row_bytes,))
+        mv = byte_view(span)
+        fd = self.fd(path, create=write)          # (creates the file before any O_DIRECT open)
+        if base % ALIGN == 0 and stride % ALIGN == 0 and row_bytes % ALIGN == 0 and offset % ALIGN == 0:
+            direct = self.direct_fd(path, write=write)
+            if direct is not None:
+                fd = direct
+        per_request = max(1, min(IOV_MAX, CHUNK // row_bytes))
+        requests = [(offset + a * row_bytes, [mv[i * stride:i * stride + row_bytes]
+                                             for i in range(a, min(rows, a + per_request))])
+                    for a in range(0, rows, per_request)]
+        self._run(requests, fd, write, path, rows * row_bytes)
+
     def _transfer(self, fd: int, offset: int, mv: memoryview, write: bool, path) -> None:
-        n = len(mv)
+        self._run([(offset + a, [mv[a:a + CHUNK]]) for a in range(0, len(mv), CHUNK)], fd, write, path, len(mv))
+
+    def _run(self, requests: list[tuple[int, list[memoryview]]], fd: int, write: bool, path, n: int) -> None:
+        """Serve ``(file offset, buffers)`` requests, in parallel on the pool when there
+        are several, and count ``n`` bytes."""
         start = time.perf_counter()
-        if n <= CHUNK:
-            _io(fd, offset, mv, write, path)
+        if len(requests) == 1:
+            _io(fd, *requests[0], write, path)
         else:
-            futures = [self._pool.submit(_io, fd, offset + a, mv[a:a + CHUNK], write, path)
-                       for a in range(0, n, CHUNK)]
+            futures = [self._pool.submit(_io, fd, off, bufs, write, path) for off, bufs in requests]
             for f in futures:
                 f.result()
         elapsed = time.perf_counter() - start
@@ -186,20 +230,28 @@ class DiskIO:
             return DiskStatistics(**self._stats)
 
 
-def _io(fd: int, offset: int, mv: memoryview, write: bool, path) -> None:
+def _io(fd: int, offset: int, bufs: list[memoryview], write: bool, path) -> None:
+    """Transfer ``bufs`` to or from the file region at ``offset`` they fill back to back,
+    resuming after a short read or write."""
+    want = sum(len(b) for b in bufs)
     done = 0
-    while done < len(mv):
+    while bufs:
         try:
             if write:
-                n = os.pwritev(fd, [mv[done:]], offset + done)
+                n = os.pwritev(fd, bufs, offset + done)
             else:
-                n = os.preadv(fd, [mv[done:]], offset + done)
+                n = os.preadv(fd, bufs, offset + done)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise ExecutionError(f"the disk holding {Path(path).parent} is full; free space there, point "
                                      "--offload-dir at a larger disk, or plan with less on disk") from None
             raise ExecutionError(f"disk I/O on {path} failed: {e.strerror}") from None
         if n == 0:
-            raise ExecutionError(f"{path} ended early (wanted {len(mv)} bytes at {offset}); "
+            raise ExecutionError(f"{path} ended early (wanted {want} bytes at {offset}); "
                                  "the file is truncated — re-convert the model or rerun")
         done += n
+        while bufs and n >= len(bufs[0]):          # drop what is done, resume mid-buffer
+            n -= len(bufs[0])
+            bufs = bufs[1:]
+        if n:
+            bufs = [bufs[0][n:], *bufs[1:]]

@@ -168,7 +168,8 @@ class Executor:
             cache_homes = make_cache_homes(self.spec, self.policy.num_gpu_batches, self.sizes.kv_rows,
                                            self.plan.workload.cache_len, self.policy.torch_dtype, self.tiers,
                                            compress=self.policy.compress_cache,
-                                           store_dtype=self.policy.store_torch_dtype)
+                                           store_dtype=self.policy.store_torch_dtype,
+                                           prompt_len=self.plan.workload.prompt_len)
             self.state = RunState(self.spec, self.policy.torch_dtype, self.tiers, weight_homes, cache_homes,
                                   self.sizes.kv_rows, self.sizes.act_rows, self.plan.workload.prompt_len,
                                   self.plan.sampling, kv_attn=self.sizes.kv_attn,

@@ -8,8 +8,10 @@ collides with its earlier instance.
 
 Layouts: a working weight buffer is {role: tensor}; a cache working buffer is
 {tier: (k, v)} with ``k, v: [r, T, D]`` row-major, in the dtype the cache is kept in
-(rows homed on disk are stored seq-major ``[T, r, D]`` and transposed as they are
-loaded); an activation is ``[B, s, H]`` (token ids ``[B]`` after the head).
+(rows homed on disk keep the prompt's tokens row-major, read straight into place, and
+the generated ones seq-major, transposed as they are loaded: see
+:class:`~flexgraph.exec.homes.DiskKV`); an activation is ``[B, s, H]`` (token ids
+``[B]`` after the head).
 
 Compression (:mod:`flexgraph.compress.quant`): a compressed weight stays a ``QTensor``
 in homes and working buffers and is decoded in ``compute`` right before its product, one
@@ -44,6 +46,7 @@ attention tier.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -53,7 +56,7 @@ import torch
 from flexgraph.compress.quant import (CACHE_GROUP_DIM, QTensor, dequantize_into, dequantize_rows,
                                       qtensor_from_bytes, quantize_into)
 from flexgraph.errors import ExecutionError
-from flexgraph.exec.homes import CacheHome, DiskTensor, Tiers, WeightHome
+from flexgraph.exec.homes import CacheHome, DiskKV, DiskTensor, Tiers, WeightHome
 from flexgraph.graph.builder import chunk_rows
 from flexgraph.models import layers as L
 from flexgraph.models.layers import dense_linear, is_skinny, skinny_product
@@ -180,6 +183,12 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _held_bytes(t: torch.Tensor) -> int:
+    """The bytes from the first row of ``t`` to the end of its last row's stride (a
+    row-padded view holds more than its elements)."""
+    return t.shape[0] * t.stride(0) * t.element_size() if t.dim() and t.shape[0] else _nbytes(t)
+
+
 # ---- loads ------------------------------------------------------------------------------
 def load_weight(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     """Copy the off-compute-tier weights of layer j into a working buffer on the compute tier."""
@@ -247,14 +256,9 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             sizes[at] = sizes.get(at, 0) + kq.nbytes + vq.nbytes
             continue
         if seg.tier == "disk":
-            # read seq-major [T, r, D] as stored (the prefix is one contiguous read), then
-            # laid out row-major [r, T, D], still in the stored dtype, for the attention:
-            # over the strided [r, T, D] view of a seq-major buffer PyTorch's attention ran
-            # 3x slower here (OPT-1.3B decode, 16 x 528 tokens: 81 ms a layer against 28 ms
-            # with this copy), and converting bfloat16 to float32 through that view 14 ms
-            # for one of K, V against 5 + 3.8 for this copy and a contiguous conversion.
-            # The copy runs on this load lane, beside the compute; the stores write the new
-            # tokens back seq-major (store_cache).
+            # the prompt's tokens straight into the rows of the row-major buffer the
+            # attention wants (over a strided view of a seq-major buffer PyTorch's attention
+            # ran 3x slower here), the generated ones transposed from seq-major (DiskKV)
             kb, vb = _row_major_prefix(st, at, (seg.k_disk, seg.v_disk), total, prefix, r, d)
         else:
             kb = st.tiers.working(at, (r, total, d), st.cache_dtype)
@@ -263,25 +267,33 @@ def load_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
                 kb[:, :prefix].copy_(seg.k[:, :prefix], non_blocking=True)
                 vb[:, :prefix].copy_(seg.v[:, :prefix], non_blocking=True)
         buf[seg.tier] = (kb, vb)
-        sizes[at] = sizes.get(at, 0) + 2 * _nbytes(kb)
+        sizes[at] = sizes.get(at, 0) + 2 * _held_bytes(kb)
     st.put(keys[("Cb", i, j, k)], buf, sizes)
 
 
-def _row_major_prefix(st: RunState, at: str, disks: tuple[DiskTensor, ...], total: int, prefix: int, r: int,
+def _row_major_prefix(st: RunState, at: str, disks: tuple[DiskKV, ...], total: int, prefix: int, r: int,
                       d: int) -> list[torch.Tensor]:
-    """For each seq-major [S, r, D] disk cache in ``disks`` (keys, values), a [r, total, D]
-    working buffer on tier ``at``, in the dtype the cache is kept in, holding its first
-    ``prefix`` tokens.  Both prefixes are read into staging buffers before either is
-    transposed, so the disk is not left idle between them; the staging buffers go back to
-    the pool when this returns."""
+    """For each of keys and values on disk (:class:`~flexgraph.exec.homes.DiskKV`), a
+    row-major ``[r, total, D]`` working buffer on tier ``at``, in the dtype the cache is
+    kept in, holding its first ``prefix`` tokens: the prompt's read row by row into place,
+    the generated ones (``prefix - P``, at most the generation length) read seq-major into
+    a staging buffer and transposed.  Every read is issued before any transposing copy, so
+    the disk is not left idle between them."""
     dtype = st.cache_dtype
-    out = [st.tiers.working(at, (r, total, d), dtype) for _ in disks]
-    if prefix:
-        staged = [st.tiers.working(at, (prefix, r, d), dtype) for _ in disks]
+    out = [st.tiers.working_rows(at, r, total, d, dtype) for _ in disks]
+    if not prefix:
+        return out
+    p = disks[0].prompt_len
+    if prefix < p:
+        raise ExecutionError(f"a cache prefix of {prefix} tokens ends inside the prompt's {p}; re-plan")
+    for disk, o in zip(disks, out):
+        st.tiers.read_rows(disk.prompt, o[:, :p])
+    if prefix > p:
+        staged = [st.tiers.working(at, (prefix - p, r, d), dtype) for _ in disks]
         for disk, buf in zip(disks, staged):
-            st.tiers.read(disk, buf, prefix * r * d * dtype.itemsize)
+            st.tiers.read(disk.generated, buf, _nbytes(buf))
         for o, buf in zip(out, staged):
-            o[:, :prefix].copy_(buf.transpose(0, 1))
+            o[:, p:prefix].copy_(buf.transpose(0, 1))
     return out
 
 
@@ -545,6 +557,21 @@ def _seq_major_tokens(st: RunState, tier: str, rows: torch.Tensor, a: int, b: in
     return st.tiers.working(tier, (b - a, r, d), rows.dtype).copy_(rows[:, a:b].transpose(0, 1))
 
 
+def _store_disk_tokens(st: RunState, tier: str, disk: DiskKV, rows: torch.Tensor, a: int, b: int) -> None:
+    """Write tokens [a, b) of a row-major [r, T, D] buffer on ``tier`` to their
+    :class:`~flexgraph.exec.homes.DiskKV`: the prompt's (the prefill writes exactly
+    those) row by row, generated ones seq-major."""
+    p = disk.prompt_len
+    if a < p:
+        if (a, b) != (0, p):
+            raise ExecutionError(f"cache tokens [{a}, {b}) cross the prompt's {p} on disk; re-plan")
+        st.tiers.write_rows(disk.prompt, rows[:, :p])
+        return
+    gen = disk.generated
+    token_bytes = math.prod(gen.shape[1:]) * gen.dtype.itemsize
+    st.tiers.write(gen, _seq_major_tokens(st, tier, rows, a, b), (a - p) * token_bytes)
+
+
 def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     """Write this step's new KV entries of the off-compute rows to their homes."""
     step = st.step(i, k)
@@ -563,11 +590,9 @@ def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
                 seg.vq.narrow(1, a, b - a).copy_(rows.v.narrow(1, a, b - a))
             continue
         kb, vb = working[seg.tier]           # row-major [r, T, D], as kept (load_cache)
-        if seg.tier == "disk":              # the new tokens go back seq-major
-            row_bytes = (seg.rows.stop - seg.rows.start) * st.spec.head_dim * st.cache_dtype.itemsize
-            at = st.attn_tier(seg.tier, i)
-            st.tiers.write(seg.k_disk, _seq_major_tokens(st, at, kb, a, b), a * row_bytes)
-            st.tiers.write(seg.v_disk, _seq_major_tokens(st, at, vb, a, b), a * row_bytes)
+        if seg.tier == "disk":
+            _store_disk_tokens(st, st.attn_tier(seg.tier, i), seg.k_disk, kb, a, b)
+            _store_disk_tokens(st, st.attn_tier(seg.tier, i), seg.v_disk, vb, a, b)
         else:
             seg.k[:, a:b].copy_(kb[:, a:b], non_blocking=True)
             seg.v[:, a:b].copy_(vb[:, a:b], non_blocking=True)
