@@ -125,6 +125,25 @@ def test_offload_folder_out_of_space(model, tmp_path, capsys):
         subprocess.run(["umount", str(mnt)], check=False)
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In the child before exec: SIGINT handled by default and not blocked, as a command
+    typed at a terminal starts (a child inherits an ignored or blocked SIGINT from the
+    process that starts it).  In the full suite the run carried on after its SIGINT in
+    three of six runs on 12-06, never when the test ran alone; the cause was not pinned
+    down, and a failure now prints the child's signal masks."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
+def _sigint_state(pid: int) -> str:
+    """The child's blocked and ignored signal masks, for a failure message."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return "no /proc status"
+    return " ".join(line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt")))
+
+
 def test_interrupt_then_resume(model, tmp_path):
     """Ctrl-C after the first block: exit 130 with one line, offload files gone, only whole
     blocks in the results; rerunning completes without duplicating or losing a line, and
@@ -134,13 +153,15 @@ def test_interrupt_then_resume(model, tmp_path):
     prompts = write_prompts(tmp_path / "prompts.jsonl", 12)
     out = tmp_path / "results.jsonl"
     cmd = [sys.executable, "-m", "flexgraph.cli", "execute", str(p), "--prompts", str(prompts), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_sigint_as_in_a_terminal)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or not out.read_text()):
         time.sleep(0.05)
+    state = _sigint_state(proc.pid)
     proc.send_signal(signal.SIGINT)
     _stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 130, f"{state}\n{stderr}"
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "interrupted" in errors[0]
     lines = out.read_text().splitlines()

@@ -42,13 +42,12 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 @contextmanager
 def interrupts_remembered() -> Iterator[Callable[[], bool]]:
     """Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does, and is also
-    remembered; the caller checks ``interrupted()`` between blocks.  In the full test
-    suite a run sometimes carried on to its last block after one SIGINT (twice in four
-    suite runs on 12-06; never when that test ran alone), so its KeyboardInterrupt was
-    caught somewhere on the way (a callback the event loop runs, say; the place was not
-    found).  However it is lost, the run still stops at the next block boundary, keeping
-    the blocks already written.  Only in the main thread, and only over Python's default
-    handler (a caller's own handler is left alone)."""
+    remembered; the caller checks ``interrupted()`` between blocks.  A KeyboardInterrupt
+    that something catches on the way (a callback the event loop runs, a library's
+    ``except BaseException``) would otherwise let the run carry on to its last block;
+    with this the run still stops at the next block boundary, keeping the blocks already
+    written.  Only in the main thread, and only over Python's default handler (a caller's
+    own handler, or an inherited "ignore", is left alone)."""
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield lambda: False
