@@ -127,10 +127,10 @@ def test_offload_folder_out_of_space(model, tmp_path, capsys):
 
 def _sigint_as_in_a_terminal() -> None:
     """In the child before exec: SIGINT handled by default and not blocked, as a command
-    typed at a terminal starts (a child inherits an ignored or blocked SIGINT from the
-    process that starts it).  In the full suite the run carried on after its SIGINT in
-    three of six runs on 12-06, never when the test ran alone; the cause was not pinned
-    down, and a failure now prints the child's signal masks."""
+    typed at a terminal starts.  A child inherits an ignored SIGINT, and a non-interactive
+    shell ignores SIGINT in what it runs in the background (POSIX, job control off): the
+    suite started as ``bash .ci/run &`` ran the CLI deaf to Ctrl-C, and it finished all its
+    blocks (three CI runs of three on 12-06; this test alone in the background, likewise)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
 
@@ -175,43 +175,6 @@ def test_interrupt_then_resume(model, tmp_path):
     fresh = tmp_path / "fresh.jsonl"
     assert main(["execute", str(p), "--prompts", str(prompts), "--out", str(fresh)]) == 0
     assert resumed == [json.loads(line) for line in fresh.read_text().splitlines()]
-
-
-def test_a_swallowed_ctrl_c_still_stops_the_run_after_the_block(model, tmp_path, monkeypatch, capsys):
-    """A SIGINT whose KeyboardInterrupt something catches on the way (here the progress
-    callback, which the event loop runs) still ends the run, with exit 130, once the block
-    it came in is written: the first of three blocks here."""
-    import os
-
-    from flexgraph.exec import run as run_module
-    store, _ = model
-    p = plan(store, tmp_path, "--percent", "0", "60", "0", "50", "0", "100")
-    prompts = write_prompts(tmp_path / "prompts.jsonl", 12)
-    out = tmp_path / "results.jsonl"
-    caught = []
-
-    class SwallowingBar:
-        def update(self, _n):
-            if not caught:
-                try:
-                    os.kill(os.getpid(), signal.SIGINT)
-                    time.sleep(1)                         # the handler runs here, at the latest
-                except KeyboardInterrupt:
-                    caught.append(True)
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(run_module, "progress", lambda **_kw: SwallowingBar())
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)     # Python's own, as in a CLI run
-    try:
-        assert main(["execute", str(p), "--prompts", str(prompts), "--out", str(out)]) == 130
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    assert caught == [True]
-    assert "interrupted" in one_line_error(capsys)
-    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["q0", "q1", "q2", "q3"]
-    assert not leftover_offload(tmp_path / "offload")
 
 
 def test_torn_results_tail_is_dropped_on_resume(model, tmp_path):

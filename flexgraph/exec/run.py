@@ -9,11 +9,7 @@ an error, Ctrl-C — the executor closes: lanes stop and offload files are remov
 from __future__ import annotations
 
 import asyncio
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,32 +33,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
         return uvloop.new_event_loop()
     except ImportError:
         return asyncio.new_event_loop()
-
-
-@contextmanager
-def interrupts_remembered() -> Iterator[Callable[[], bool]]:
-    """Ctrl-C raises KeyboardInterrupt at once, as Python's own handler does, and is also
-    remembered; the caller checks ``interrupted()`` between blocks.  A KeyboardInterrupt
-    that something catches on the way (a callback the event loop runs, a library's
-    ``except BaseException``) would otherwise let the run carry on to its last block;
-    with this the run still stops at the next block boundary, keeping the blocks already
-    written.  Only in the main thread, and only over Python's default handler (a caller's
-    own handler, or an inherited "ignore", is left alone)."""
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield lambda: False
-        return
-    seen: list[int] = []
-
-    def on_sigint(signum, _frame):
-        seen.append(signum)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_sigint)
-    try:
-        yield lambda: bool(seen)
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @dataclass
@@ -104,24 +74,21 @@ def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: S
                        enabled=options.progress)
         loop = new_event_loop()
         try:
-            with interrupts_remembered() as interrupted:
-                for b in range(skip, len(blocks)):
-                    batches = make_batches(blocks[b], b, pol.gpu_batch_size, pol.num_gpu_batches, wl.prompt_len,
-                                           pad, sampling)
-                    out: BlockOutput = loop.run_until_complete(
-                        executor.run_block(batches, on_compute=lambda _node: bar.update(1)))
-                    timings.append(out.timing)
-                    lines = _block_lines(blocks[b], out, pol.gpu_batch_size, eos, sampling, tokenizer)
-                    if results is not None:
-                        results.append(lines)
-                    report.results.extend(lines)
-                    if out.logits is not None:
-                        gbs = pol.gpu_batch_size
-                        report.logits.extend(out.logits[n // gbs][n % gbs] for n in range(len(blocks[b])))
-                    log.info("block_done", block=b + 1, of=len(blocks),
-                             seconds=round(out.timing.end - out.timing.start, 3))
-                    if interrupted() and b + 1 < len(blocks):     # a Ctrl-C the event loop swallowed
-                        raise KeyboardInterrupt
+            for b in range(skip, len(blocks)):
+                batches = make_batches(blocks[b], b, pol.gpu_batch_size, pol.num_gpu_batches, wl.prompt_len, pad,
+                                       sampling)
+                out: BlockOutput = loop.run_until_complete(
+                    executor.run_block(batches, on_compute=lambda _node: bar.update(1)))
+                timings.append(out.timing)
+                lines = _block_lines(blocks[b], out, pol.gpu_batch_size, eos, sampling, tokenizer)
+                if results is not None:
+                    results.append(lines)
+                report.results.extend(lines)
+                if out.logits is not None:
+                    gbs = pol.gpu_batch_size
+                    report.logits.extend(out.logits[n // gbs][n % gbs] for n in range(len(blocks[b])))
+                log.info("block_done", block=b + 1, of=len(blocks),
+                         seconds=round(out.timing.end - out.timing.start, 3))
         finally:
             bar.close()
             _close_loop(loop)
