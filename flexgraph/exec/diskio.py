@@ -183,9 +183,9 @@ class DiskIO:
 
     def _rows(self, path, offset: int, t: torch.Tensor, write: bool) -> None:
         rows = t.shape[0]
-        row_bytes = t[0].numel() * t.element_size() if rows else 0
-        if rows == 0 or row_bytes == 0:
+        if rows == 0 or t[0].numel() == 0:
             return
+        row_bytes = t[0].numel() * t.element_size()
         if t.device.type != "cpu" or not t[0].is_contiguous():
             raise ValueError("row-wise disk I/O needs CPU rows that are each contiguous")
         stride = t.stride(0) * t.element_size()

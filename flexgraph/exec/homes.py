@@ -73,6 +73,10 @@ class DiskTensor:
             n *= d
         return n
 
+    def lead_bytes(self, n: int) -> int:
+        """Bytes of the first ``n`` entries along dim 0 (where entry ``n`` starts)."""
+        return n * math.prod(self.shape[1:]) * self.dtype.itemsize
+
 
 @dataclass(frozen=True)
 class QDiskTensor:
@@ -124,11 +128,6 @@ class DiskKV:
 
     def whole(self) -> DiskTensor:
         return DiskTensor(self.path, 0, (self.slots, self.rows, self.head_dim), self.dtype)
-
-
-def _lead_bytes(t: DiskTensor, n: int) -> int:
-    """Bytes of the first ``n`` entries along dim 0 of a file tensor (contiguous)."""
-    return n * math.prod(t.shape[1:]) * t.dtype.itemsize
 
 
 class Tiers:
@@ -249,12 +248,12 @@ class Tiers:
         """Read the first ``lead`` entries along dim 0 (default all) of each part of ``src``
         into the start of ``out``'s buffers (contiguous, shaped like ``src`` after dim 0)."""
         for part, buf in zip(src.parts(), out.buffers()):
-            self.read(part, buf, None if lead is None else _lead_bytes(part, lead))
+            self.read(part, buf, None if lead is None else part.lead_bytes(lead))
 
     def write_q(self, dst: QDiskTensor, src: QTensor, start: int = 0) -> None:
         """Write ``src`` (entries ``[start, start + n)`` along dim 0 of ``dst``) into place."""
         for part, buf in zip(dst.parts(), src.buffers()):
-            self.write(part, buf, _lead_bytes(part, start))
+            self.write(part, buf, part.lead_bytes(start))
 
 
 def remove_stale_runs(root: Path) -> None:

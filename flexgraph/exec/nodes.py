@@ -46,7 +46,6 @@ attention tier.
 
 from __future__ import annotations
 
-import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -568,8 +567,7 @@ def _store_disk_tokens(st: RunState, tier: str, disk: DiskKV, rows: torch.Tensor
         st.tiers.write_rows(disk.prompt, rows[:, :p])
         return
     gen = disk.generated
-    token_bytes = math.prod(gen.shape[1:]) * gen.dtype.itemsize
-    st.tiers.write(gen, _seq_major_tokens(st, tier, rows, a, b), (a - p) * token_bytes)
+    st.tiers.write(gen, _seq_major_tokens(st, tier, rows, a, b), gen.lead_bytes(a - p))
 
 
 def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
@@ -591,8 +589,9 @@ def store_cache(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
             continue
         kb, vb = working[seg.tier]           # row-major [r, T, D], as kept (load_cache)
         if seg.tier == "disk":
-            _store_disk_tokens(st, st.attn_tier(seg.tier, i), seg.k_disk, kb, a, b)
-            _store_disk_tokens(st, st.attn_tier(seg.tier, i), seg.v_disk, vb, a, b)
+            at = st.attn_tier(seg.tier, i)
+            _store_disk_tokens(st, at, seg.k_disk, kb, a, b)
+            _store_disk_tokens(st, at, seg.v_disk, vb, a, b)
         else:
             seg.k[:, a:b].copy_(kb[:, a:b], non_blocking=True)
             seg.v[:, a:b].copy_(vb[:, a:b], non_blocking=True)
