@@ -107,6 +107,22 @@ def test_worker_accelerate_offloads_to_folder(tiny_hf, tmp_path, capsys):
 
 
 @needs_accelerate
+def test_worker_accelerate_float32_from_a_bfloat16_checkpoint_offloads_bfloat16(tiny_hf, tmp_path, capsys):
+    """What ``bench.py --peer-checkpoint bfloat16`` rests on: computing in float32 from a
+    bfloat16 checkpoint, Accelerate writes the disk part as the checkpoint holds it and
+    converts as it reads, so a step reads half the bytes of its float32 parameters."""
+    off = tmp_path / "offload"
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_hf), "--batch", "2", "--prompt-len", "8",
+                              "--gen-len", "3", "--dtype", "float32", "--max-memory", "40000",
+                              "--offload", "folder", "--offload-folder", str(off)])
+    _check_result(r, 2, 3)
+    assert r["dtype"] == "float32"
+    disk = r["device_bytes"]["disk"]                                  # float32 parameters mapped to disk
+    assert disk > 0
+    assert 0.5 * disk <= r["offload_folder_bytes"] < 0.6 * disk       # held in bfloat16 (+ index.json)
+
+
+@needs_accelerate
 def test_worker_accelerate_checkpoint_mode(tiny_hf, tmp_path, capsys):
     """from_pretrained(device_map=...): disk weights stay in (and are read from) the checkpoint."""
     r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_hf), "--batch", "2", "--prompt-len", "8",

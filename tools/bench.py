@@ -18,7 +18,9 @@ before each run, see ``tools/cgroup_run.py``):
 The dtype: flexgraph computes in what its planner picks for this CPU (bfloat16 where
 the CPU multiplies it at least half as fast as float32 — AMX — else float32); the peers
 run in that same dtype unless ``--peer-dtype`` asks for others too (``same,bfloat16``
-adds rows with the peers in bfloat16, as the issue's scenarios are written).
+adds rows with the peers in bfloat16, as the issue's scenarios are written), each from a
+checkpoint in its own dtype unless ``--peer-checkpoint`` names one (``bfloat16`` gives a
+float32 peer the storage flexgraph's plan keeps on such a CPU; see ``run_peer``).
 
 Scenarios (the issue's): ``a`` the bundled SmolLM2-135M in RAM; ``b``
 OPT-1.3B dummy under 3 GiB; ``c`` OPT-6.7B dummy under 8 GiB; ``d`` Llama-3.1-8B dummy
@@ -79,10 +81,12 @@ SCENARIOS = {
     "b": Scenario("b", "opt-1.3b", True, "3GiB", ("accelerate",), (1, 4, 8, 16), 64,
                   "OPT-1.3B dummy under a 3 GiB cap"),
     # (c), (d): 128 prompts, FlexGen's large effective batch: every weight read from disk
-    # serves 128 sequences (OPT-6.7B with 16 prompts ran at 1.90 tok/s here, with 128 at 4.90)
-    "c": Scenario("c", "opt-6.7b", True, "8GiB", ("accelerate",), (1, 4, 16), 128,
+    # serves 128 sequences (OPT-6.7B with 16 prompts ran at 1.90 tok/s here, with 128 at 4.90).
+    # Accelerate's sweep goes to 64: on a float32 CPU its prefill-bound runs still gain
+    # there (Llama-3.1-8B at 128/16: 0.35 tok/s at batch 16, 0.70 at 64).
+    "c": Scenario("c", "opt-6.7b", True, "8GiB", ("accelerate",), (1, 4, 16, 64), 128,
                   "OPT-6.7B dummy under an 8 GiB cap", short=(128, 16)),
-    "d": Scenario("d", "llama-3.1-8b", True, "8GiB", ("accelerate",), (1, 4, 16), 128,
+    "d": Scenario("d", "llama-3.1-8b", True, "8GiB", ("accelerate",), (1, 4, 16, 64), 128,
                   "Llama-3.1-8B dummy under an 8 GiB cap", short=(128, 16)),
 }
 
@@ -100,17 +104,27 @@ def _flexgraph_cmd(*args: str) -> list[str]:
 
 
 def prepare_model(sc: Scenario) -> str:
-    """Write dummy weights (in each dtype flexgraph's plan may keep them in: the one it
-    computes in, and bfloat16 where that is float32) before any capped run (that is not
-    part of what is measured); returns the dtype flexgraph will compute in."""
-    from flexgraph.plan.planner import Knobs, default_dtype, storage_choices
+    """Make the bundled model's store before any capped run (not part of what is
+    measured); returns the dtype flexgraph will compute in.  Dummy weights are written
+    later, by :func:`materialize_planned`, in the one dtype the plan keeps them in."""
+    from flexgraph.plan.planner import default_dtype
+    from flexgraph.weights.resolve import materialize, resolve_model
+    if not sc.dummy:
+        materialize(resolve_model(sc.model), progress=True)
+    return default_dtype("cpu")
+
+
+def materialize_planned(sc: Scenario, plan: dict) -> None:
+    """Write the dummy store the plan reads (outside the cap: not part of what is measured).
+    Only that one: the search weighs float32 and bfloat16 storage on a float32 CPU, and
+    writing both up front took 48 GB for Llama-3.1-8B.  The planner needs neither: a
+    dummy store is generated in whatever dtype the plan keeps and read from in place."""
     from flexgraph.plan.policy import DTYPES
     from flexgraph.weights.resolve import materialize, resolve_model
-    dtype = default_dtype("cpu")
-    ref = resolve_model(sc.model, dummy=sc.dummy)
-    for kept in storage_choices(Knobs(), dtype) if sc.dummy else [None]:
-        materialize(ref, dtype=DTYPES[kept or dtype] if sc.dummy else None, progress=True)
-    return dtype
+    if sc.dummy:
+        pol = plan["policy"]
+        materialize(resolve_model(sc.model, dummy=True), dtype=DTYPES[pol.get("storage_dtype") or pol["dtype"]],
+                    progress=True)
 
 
 def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compress: bool,
@@ -134,6 +148,7 @@ def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compr
     plan_seconds = time.perf_counter() - t0
     if planned.returncode != 0:
         return Row(sc.name, system, None, {"ok": False, "reason": _last_error(planned.stderr)})
+    materialize_planned(sc, json.loads(plan.read_text()))
     ran = cg.run_capped(_flexgraph_cmd("execute", str(plan), "--metrics", str(metrics), "--show", "0"), cap,
                         capture_output=True, drop_caches=True, timeout=timeout)
     if ran.returncode != 0:
@@ -167,19 +182,28 @@ def _last_error(stderr: bytes | None) -> str:
 
 
 def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None,
-             huge_pages: bool = False, dtype: str = "bfloat16", system: str | None = None) -> Row:
+             huge_pages: bool = False, dtype: str = "bfloat16", system: str | None = None,
+             checkpoint: str | None = None) -> Row:
     """The best batch of the peer's sweep, computing in ``dtype``, from a checkpoint in
-    that dtype (written here, before the capped runs): Accelerate converting a bfloat16
+    ``checkpoint`` (default: that same dtype), written here before the capped runs.
+
+    By default the checkpoint is in the compute dtype: Accelerate converting a bfloat16
     checkpoint to float32 as it loads was OOM-killed under (b)'s 3 GiB cap at batch 1,
-    while loading, and a user computing in float32 would convert the checkpoint once."""
+    while loading, and a user computing in float32 would convert the checkpoint once.
+    A bfloat16 checkpoint under a float32 compute is flexgraph's own storage choice on
+    such a CPU: Accelerate then keeps its offload folder in bfloat16 too (it writes the
+    checkpoint's tensors as they are and converts each as it reads it: Llama-3.1-8B's
+    folder held 14.1 GB for 28.3 GB of float32 parameters), so each step reads half the
+    bytes; it also needs no float32 copy of the model on disk."""
     peers = _tool("peers")
-    model_dir = peers.hf_folder(sc.model, dtype=dtype, progress=True)
+    model_dir = peers.hf_folder(sc.model, dtype=checkpoint or dtype, progress=True)
     results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, dtype, timeout=timeout,
                           huge_pages=huge_pages,
                           on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
     top = peers.best(results)
     return Row(sc.name, system or peer, top["throughput"] if top else None,
-               {"best_batch": top["batch"] if top else None, "dtype": dtype, "sweep": results})
+               {"best_batch": top["batch"] if top else None, "dtype": dtype, "checkpoint": checkpoint or dtype,
+                "sweep": results})
 
 
 def peer_dtypes(asked: str, planned: str) -> list[str]:
@@ -226,7 +250,9 @@ def markdown(report: dict[str, Any]) -> str:
                     f"bound by {d.get('roofline_bound')})" if d.get("of_roofline") else "") + (
                     f" FAILED: {d.get('reason')}" if not d.get("ok", True) else "")
             else:
-                note = f"{d.get('dtype', 'bfloat16')}, best batch {d.get('best_batch')}"
+                ckpt = d.get("checkpoint")
+                stored = f" (checkpoint {ckpt})" if ckpt and ckpt != d.get("dtype") else ""
+                note = f"{d.get('dtype', 'bfloat16')}{stored}, best batch {d.get('best_batch')}"
             lines.append(f"| {sc_name} | {r['system']} | {tp:.2f} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | {note} |" if tp is not None else
                          f"| {sc_name} | {r['system']} | — | | {note} |")
@@ -256,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-dtype", default="same",
                     help="comma-separated dtypes to run the peers in: same (the one flexgraph's plan "
                          "computes in), bfloat16, float32; a row per dtype (e.g. same,bfloat16)")
+    ap.add_argument("--peer-checkpoint", default=None,
+                    help="dtype of the checkpoint the peers load (default: the one each computes in); "
+                         "bfloat16 gives a float32 peer bfloat16 storage, as flexgraph's plan on such a CPU")
     ap.add_argument("--num-prompts", type=int, default=None, help="override the scenarios' prompt counts")
     ap.add_argument("--peer-batches", type=_batch_list, default=None,
                     help="comma-separated batch sizes for the peers' sweep (default: each scenario's)")
@@ -295,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_peers:
                 dtypes = peer_dtypes(args.peer_dtype, planned)
                 rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout, args.peer_huge_pages, d,
-                                  peer if d == planned else f"{peer} ({d})")
+                                  peer if d == planned else f"{peer} ({d})", args.peer_checkpoint)
                          for peer in sc.peers for d in dtypes]
             report["scenarios"][name] = {"note": sc.note, "cap": sc.cap, "model": sc.model,
                                          "workload": {"prompt_len": prompt_len, "gen_len": gen_len},
