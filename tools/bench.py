@@ -119,11 +119,10 @@ def materialize_planned(sc: Scenario, plan: dict) -> None:
     Only that one: the search weighs float32 and bfloat16 storage on a float32 CPU, and
     writing both up front took 48 GB for Llama-3.1-8B.  The planner needs neither: a
     dummy store is generated in whatever dtype the plan keeps and read from in place."""
-    from flexgraph.plan.policy import DTYPES
-    from flexgraph.weights.resolve import materialize, resolve_model
-    if sc.dummy:
-        pol = plan["policy"]
-        materialize(resolve_model(sc.model, dummy=True), dtype=DTYPES[pol.get("storage_dtype") or pol["dtype"]],
+    from flexgraph.plan.policy import Policy
+    from flexgraph.weights.resolve import ModelRef, materialize
+    if sc.dummy:          # as `flexgraph execute` would, but before its capped, timed run
+        materialize(ModelRef.from_json(plan["model"]), dtype=Policy.from_json(plan["policy"]).store_torch_dtype,
                     progress=True)
 
 
