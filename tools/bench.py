@@ -117,16 +117,16 @@ def prepare_model(sc: Scenario) -> str:
     return default_dtype("cpu")
 
 
-def materialize_planned(sc: Scenario, plan: dict) -> None:
+def materialize_planned(plan: dict) -> None:
     """Write the dummy store the plan reads (outside the cap: not part of what is measured).
     Only that one: the search weighs float32 and bfloat16 storage on a float32 CPU, and
     writing both up front took 48 GB for Llama-3.1-8B.  The planner needs neither: a
     dummy store is generated in whatever dtype the plan keeps and read from in place."""
     from flexgraph.plan.policy import Policy
     from flexgraph.weights.resolve import ModelRef, materialize
-    if sc.dummy:          # as `flexgraph execute` would, but before its capped, timed run
-        materialize(ModelRef.from_json(plan["model"]), dtype=Policy.from_json(plan["policy"]).store_torch_dtype,
-                    progress=True)
+    ref = ModelRef.from_json(plan["model"])
+    if ref.dummy:         # as `flexgraph execute` would, but before its capped, timed run
+        materialize(ref, dtype=Policy.from_json(plan["policy"]).store_torch_dtype, progress=True)
 
 
 def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compress: bool,
@@ -150,7 +150,7 @@ def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compr
     plan_seconds = time.perf_counter() - t0
     if planned.returncode != 0:
         return Row(sc.name, system, None, {"ok": False, "reason": _last_error(planned.stderr)})
-    materialize_planned(sc, json.loads(plan.read_text()))
+    materialize_planned(json.loads(plan.read_text()))
     ran = cg.run_capped(_flexgraph_cmd("execute", str(plan), "--metrics", str(metrics), "--show", "0"), cap,
                         capture_output=True, drop_caches=True, timeout=timeout)
     if ran.returncode != 0:
