@@ -34,8 +34,9 @@ The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine 
 the CPU model, core count, RAM, device and torch version.  ``--recalibrate`` redoes it.
 Each measurement repeats until it has run for a minimum time and keeps the best of a
 few repeats (this is a shared machine: the best is the least disturbed) — except the
-layer timings, which keep the median of five rounds (their best-of-two swung 2-3x
-between calibrations).
+layer timings, which keep the median of rounds interleaved over half a minute (their
+best-of-two swung 2-3x between calibrations, five rounds back to back 0.88-1.22x; see
+:func:`measure_layers`).
 """
 
 from __future__ import annotations
@@ -66,32 +67,35 @@ M_POINTS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 MAX_KN = 4096
 
 
+def _sync() -> None:
+    """Wait for queued CUDA kernels: a call on CUDA returns once its kernels are queued,
+    and a timing that did not wait would time the queueing."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _one_round(fn: Callable[[], object], min_seconds: float) -> float:
+    """Seconds per call of ``fn``, called until ``min_seconds`` have passed."""
+    _sync()
+    n, start = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        if time.perf_counter() - start >= min_seconds:
+            break
+    _sync()                     # once at the end: calls queue back to back, as a stream runs them
+    return (time.perf_counter() - start) / n
+
+
 def _round_times(fn: Callable[[], object], rounds: int, min_seconds: float) -> list[float]:
     """Seconds per call of ``rounds`` rounds (after one warm-up call), each long enough to time."""
     fn()
-    times = []
-    for _ in range(rounds):
-        n, start = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_seconds:
-                break
-        times.append(elapsed / n)
-    return times
+    return [_one_round(fn, min_seconds) for _ in range(rounds)]
 
 
 def _best_time(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
     """Seconds per call: the best of ``repeats`` rounds."""
     return min(_round_times(fn, repeats, min_seconds))
-
-
-def _median_time(fn: Callable[[], object], rounds: int, min_seconds: float = 0.1) -> float:
-    """Seconds per call: the median of ``rounds`` rounds.  For timings that feed the
-    estimate directly (the layer corrections): a best-of-few here swung 2-3x between
-    calibrations on this shared machine, the median of five much less."""
-    return sorted(_round_times(fn, rounds, min_seconds))[rounds // 2]
 
 
 def machine_key(device: str) -> str:
@@ -470,7 +474,11 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
 LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill": (16, 512, 512),
                 "prefill-large": (64, 512, 512)}
 LARGE_POINT_SECONDS = 1.0
-LAYER_ROUNDS = 5
+LAYER_ROUNDS = 5                  # at least this many rounds of every point ...
+LAYER_MIN_SPAN_SECONDS = 30.0     # ... and more until the rounds span this long (measure_layers) ...
+LAYER_MAX_ROUNDS = 25             # ... but no more than this many
+LAYER_ROUND_SECONDS = 0.1         # one round of one point runs at least this long
+LAYER_TIMING = 2                  # in the layers' cache key: 2 = rounds interleaved over a span (was back to back)
 # Cycle through this much weight memory, and as much KV cache, when timing a layer: a
 # run streams every layer's weights and every batch's cache from DRAM, and a timing
 # that reuses a few copies would find them in the last-level cache (105 MiB on this
@@ -551,21 +559,69 @@ def layer_signature(spec, dtype: torch.dtype, compiled: bool) -> str:
     for key in ("name", "num_blocks", "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_ids",
                 "pad_token_id"):
         d.pop(key, None)
-    text = json.dumps(d, sort_keys=True, default=str) + f"|{dtype}|{compiled}|{sorted(LAYER_POINTS.items())}|{STREAM_BYTES}"
+    text = (json.dumps(d, sort_keys=True, default=str)
+            + f"|{dtype}|{compiled}|{sorted(LAYER_POINTS.items())}|{STREAM_BYTES}|{LAYER_TIMING}")
     return "layers-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.device) -> dict[str, list[list[float]]]:
     """Time the real maths of each layer kind at each of ``LAYER_POINTS``, with weights
     streamed from memory (several copies in turn), and return per kind the ratio of the
-    measured time to ``model.analytic_time`` — ``[[tokens, ratio], ...]`` by tokens."""
+    measured time to ``model.analytic_time`` — ``[[tokens, ratio], ...]`` by tokens.
+
+    The rounds are interleaved: each round times every (kind, point) once, and rounds
+    repeat until ``LAYER_MIN_SPAN_SECONDS`` have passed (at least ``LAYER_ROUNDS``, at
+    most ``LAYER_MAX_ROUNDS``); each point keeps the median of its rounds.  This host's
+    speed swings by a quarter over tens of seconds (SmolLM2's MLP at 8,192 tokens timed
+    299-490 ms within seven minutes), and five rounds of one point back to back sampled
+    one moment of it: six calibrations in a row put that MLP at 0.88-1.22x its analytic
+    time.  Spread over the span, each median samples the host as a long run meets it
+    (a run's compute lane alternates the kinds too)."""
+    from flexgraph.models.spec import HEAD, MLP
+    steps = _layer_steps(model, dtype, compiled, device)
+    with torch.inference_mode():
+        for step in steps:
+            step.run()                                          # warm-up
+        start, rounds = time.perf_counter(), 0
+        while rounds < LAYER_ROUNDS or (rounds < LAYER_MAX_ROUNDS
+                                        and time.perf_counter() - start < LAYER_MIN_SPAN_SECONDS):
+            for step in steps:
+                step.times.append(_one_round(step.run, LAYER_ROUND_SECONDS))
+            rounds += 1
+    out: dict[str, list[list[float]]] = {}
+    for step in steps:
+        out.setdefault(step.kind, []).append([step.tokens, statistics.median(step.times) / step.analytic])
+    if HEAD in out:                                             # the head's prefill is its last position
+        out[HEAD].append([LAYER_POINTS["prefill"][0] * LAYER_POINTS["prefill"][1], max(out[HEAD])[1]])
+    out = {kind: sorted(table) for kind, table in out.items()}
+    if MLP in out and "embed" not in out:
+        out["embed"] = out[MLP]
+    return out
+
+
+@dataclass
+class _TimedStep:
+    """One layer kind at one point: the call that runs it and its times so far."""
+    kind: str
+    tokens: int                         # batch x new tokens
+    analytic: float                     # the cost model's time before corrections
+    run: Callable[[], None]
+    times: list[float] = field(default_factory=list)
+
+
+def _layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device) -> list[_TimedStep]:
+    """A timed step per layer kind and point of ``LAYER_POINTS``: each kind's weights in
+    ``_copies`` copies, and for attention one pool of caches that every point's copies
+    are rows of (so the pool is as big as the largest point needs, not their sum).
+    Every kind's weights are held at once, for the interleaved rounds: OPT-6.7B's in
+    float32 are 1.6 GB (its head's 0.8 GB included), beside a cache pool of 1 GiB."""
     from flexgraph.models import layers as L
-    from flexgraph.models.forward import EAGER, KVCache, compiled_kernels, compute_layer, warm_up
-    from flexgraph.models.spec import ATTN, HEAD, MLP
+    from flexgraph.models.forward import EAGER, compiled_kernels, compute_layer, warm_up
+    from flexgraph.models.spec import ATTN, HEAD
     spec = model.spec
     kernels = compiled_kernels() if compiled else EAGER
     inv_freq = L.rope_inv_freq(spec) if spec.family == "llama" else None
-    out: dict[str, list[list[float]]] = {}
+    steps = []
     for j in (1, 2, spec.num_layers - 1):
         kind = spec.layer(j).kind
         nbytes = sum(w.numel for w in spec.layer_weights(j)) * dtype.itemsize
@@ -574,40 +630,51 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
         copies = _copies(nbytes)
         weights = [{L.role_of(w.name): torch.randn(w.shape, dtype=dtype, device=device) * 0.02
                     for w in spec.layer_weights(j)} for _ in range(copies)]
-        table = []
+        points = []
         for phase, (batch, new, context) in LAYER_POINTS.items():
             if kind == HEAD and phase.startswith("prefill"):
                 continue                                      # the head only ever sees the last position
             if phase == "prefill-large" and model.analytic_time(j, batch, new, context) > LARGE_POINT_SECONDS:
                 continue
-            caches = [None]
             if kind == ATTN:      # a large model's cache at a large batch is timed at a smaller one
                 per_sequence = 2 * spec.num_kv_heads * (context + 1) * spec.head_dim * dtype.itemsize
                 batch = max(1, min(batch, MAX_LAYER_BYTES // per_sequence))
-                caches = [KVCache(batch * spec.num_kv_heads, context + 1, spec.head_dim, dtype, device)
-                          for _ in range(_copies(batch * per_sequence))]
+            points.append((batch, new, context))
+        pool = _CachePool(spec, points, dtype, device) if kind == ATTN else None
+        for batch, new, context in points:
             if compiled:
                 warm_up(kernels, spec, dtype, batch, new, device)
+            caches = pool.caches(batch) if pool else [None]
             st = _LayerStep(batch, new, context, spec, dtype, device)
             x = torch.randn(batch, new, spec.hidden_size, dtype=dtype, device=device)
-            n = [0]
 
-            def run():
-                w, cache = weights[n[0] % copies], caches[n[0] % len(caches)]
+            def run(j=j, weights=weights, caches=caches, x=x, st=st, n=[0]):
+                w, cache = weights[n[0] % len(weights)], caches[n[0] % len(caches)]
                 n[0] += 1
-                compute_layer(spec, j, w, x, st, cache.segments() if cache else None, inv_freq, kernels)
+                compute_layer(spec, j, w, x, st, cache, inv_freq, kernels)
 
-            with torch.inference_mode():
-                seconds = _median_time(run, LAYER_ROUNDS)
-            table.append([batch * new, seconds / model.analytic_time(j, batch, new, context)])
-            del caches
-        if kind == HEAD:
-            table.append([LAYER_POINTS["prefill"][0] * LAYER_POINTS["prefill"][1], table[-1][1]])
-        out[kind] = sorted(table)
-        del weights
-    if MLP in out and "embed" not in out:
-        out["embed"] = out[MLP]
-    return out
+            steps.append(_TimedStep(kind, batch * new, model.analytic_time(j, batch, new, context), run))
+    return steps
+
+
+class _CachePool:
+    """Keys and values ``[rows, context + 1, D]`` for every attention point of a
+    calibration: a point of ``batch`` sequences gets ``_copies`` disjoint row ranges of
+    it to cycle through, as :class:`flexgraph.models.forward.KVCache` segments."""
+
+    def __init__(self, spec, points: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device):
+        self.nkv = spec.num_kv_heads
+        context = max(c for _, _, c in points)
+        per_sequence = 2 * self.nkv * (context + 1) * spec.head_dim * dtype.itemsize
+        self.per_sequence = per_sequence
+        rows = max(b * _copies(b * per_sequence) for b, _, _ in points) * self.nkv
+        self.k = torch.zeros(rows, context + 1, spec.head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def caches(self, batch: int) -> list[list[tuple]]:
+        rows = batch * self.nkv
+        return [[(slice(None), self.k[i * rows:(i + 1) * rows], self.v[i * rows:(i + 1) * rows])]
+                for i in range(_copies(batch * self.per_sequence))]
 
 
 def _in_thread(fn, *args):
@@ -675,7 +742,8 @@ def ensure_layers(cal: Calibration, model, dtype: torch.dtype, compiled: bool, h
 
 
 TIGHT_SUFFIX = "-tight"
-_CHILD_KNOBS = ("LAYER_ROUNDS", "STREAM_BYTES", "LARGE_POINT_SECONDS", "LAYER_POINTS")
+_CHILD_KNOBS = ("LAYER_ROUNDS", "LAYER_MIN_SPAN_SECONDS", "LAYER_MAX_ROUNDS", "LAYER_ROUND_SECONDS", "STREAM_BYTES",
+                "LARGE_POINT_SECONDS", "LAYER_POINTS")
 
 
 def measure_layers_tight(model, dtype: torch.dtype, compiled: bool) -> dict:

@@ -246,6 +246,7 @@ def _quick_layer_timing(monkeypatch):
     cls, kwargs = TINY_CONFIGS["llama2-mha"]
     spec = ModelSpec.from_hf_config(cls(**_COMMON, **kwargs).to_dict(), name="tiny")
     monkeypatch.setattr(C, "LAYER_ROUNDS", 1)
+    monkeypatch.setattr(C, "LAYER_MIN_SPAN_SECONDS", 0.0)
     monkeypatch.setattr(C, "STREAM_BYTES", 1 << 20)
     return C, with_matmul(calibration(), spec)
 
@@ -264,6 +265,65 @@ def test_layer_corrections_cover_each_point_and_skip_a_slow_large_prefill(monkey
     monkeypatch.setattr(C, "LARGE_POINT_SECONDS", 0.0)
     got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
     assert [t for t, _ in got["mlp"]] == sorted(tokens - {C.LAYER_POINTS["prefill-large"][0] * 512})
+
+
+def test_layer_rounds_are_interleaved_and_each_point_keeps_its_median(monkeypatch):
+    # two hand-made points: every round times each once, in turn; rounds go on past
+    # LAYER_ROUNDS until they span LAYER_MIN_SPAN_SECONDS; each keeps its median
+    import types
+
+    import flexgraph.calibrate as C
+    clock, calls = [0.0], []
+    times = iter([1.0, 10.0, 5.0, 50.0, 2.0, 20.0, 9.0, 90.0, 3.0, 30.0])
+
+    def one_round(run, min_seconds):
+        run()
+        clock[0] += 4.0                 # each round of a point takes 4 s of the fake clock
+        return next(times)
+
+    steps = [C._TimedStep("mlp", 16, 2.0, lambda: calls.append("mlp")),
+             C._TimedStep("attn", 16, 10.0, lambda: calls.append("attn"))]
+    monkeypatch.setattr(C, "_layer_steps", lambda *a: steps)
+    monkeypatch.setattr(C, "_one_round", one_round)
+    monkeypatch.setattr(C, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(C, "LAYER_ROUNDS", 3)
+    monkeypatch.setattr(C, "LAYER_MIN_SPAN_SECONDS", 33.0)     # 3 rounds span 24 s: two more
+    got = C.measure_layers(None, None, False, None)
+    assert calls == ["mlp", "attn"] + ["mlp", "attn"] * 5      # warm-ups, then 5 interleaved rounds
+    assert got["mlp"] == [[16, 3.0 / 2.0]]                      # median of 1, 5, 2, 9, 3
+    assert got["attn"] == [[16, 30.0 / 10.0]]                   # median of 10, 50, 20, 90, 30
+    assert got["embed"] == got["mlp"]
+    monkeypatch.setattr(C, "LAYER_MAX_ROUNDS", 4)               # the span is cut short by the cap
+    calls.clear()
+    times = iter([1.0] * 8)
+    C.measure_layers(None, None, False, None)
+    assert calls == ["mlp", "attn"] * 5                         # warm-ups and 4 rounds
+
+
+def test_attention_points_share_one_pool_of_cache_rows(monkeypatch):
+    # each point cycles through disjoint row ranges of one pool, as big as the largest
+    # point needs (not the sum of all points)
+    import torch
+
+    import flexgraph.calibrate as C
+    monkeypatch.setattr(C, "STREAM_BYTES", 8 << 20)
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    points = [(2, 1, 64), (8, 64, 64)]
+    pool = C._CachePool(spec, points, torch.float32, torch.device("cpu"))
+    per_sequence = 2 * spec.num_kv_heads * 65 * spec.head_dim * 4
+    assert pool.k.shape == (max(b * C._copies(b * per_sequence) for b, _, _ in points) * spec.num_kv_heads,
+                            65, spec.head_dim)
+    for batch, _, _ in points:
+        copies = pool.caches(batch)
+        assert len(copies) == C._copies(batch * per_sequence) > 1
+        starts = set()
+        for [(rows, k, v)] in copies:
+            assert rows == slice(None) and k.shape == v.shape == (batch * spec.num_kv_heads, 65, spec.head_dim)
+            offset = (k.data_ptr() - pool.k.data_ptr()) // (k.stride(0) * 4)
+            assert v.data_ptr() - pool.v.data_ptr() == k.data_ptr() - pool.k.data_ptr()
+            assert offset % k.shape[0] == 0 and offset + k.shape[0] <= pool.k.shape[0]
+            starts.add(offset)
+        assert len(starts) == len(copies)                       # disjoint copies
 
 
 def test_a_tight_run_is_timed_with_the_tight_corrections():
