@@ -74,7 +74,7 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _one_round(fn: Callable[[], object], min_seconds: float) -> float:
+def time_round(fn: Callable[[], object], min_seconds: float) -> float:
     """Seconds per call of ``fn``, called until ``min_seconds`` have passed."""
     _sync()
     n, start = 0, time.perf_counter()
@@ -90,7 +90,7 @@ def _one_round(fn: Callable[[], object], min_seconds: float) -> float:
 def _round_times(fn: Callable[[], object], rounds: int, min_seconds: float) -> list[float]:
     """Seconds per call of ``rounds`` rounds (after one warm-up call), each long enough to time."""
     fn()
-    return [_one_round(fn, min_seconds) for _ in range(rounds)]
+    return [time_round(fn, min_seconds) for _ in range(rounds)]
 
 
 def _best_time(fn: Callable[[], object], min_seconds: float = 0.15, repeats: int = 3) -> float:
@@ -559,8 +559,9 @@ def layer_signature(spec, dtype: torch.dtype, compiled: bool) -> str:
     for key in ("name", "num_blocks", "vocab_size", "max_position_embeddings", "bos_token_id", "eos_token_ids",
                 "pad_token_id"):
         d.pop(key, None)
-    text = (json.dumps(d, sort_keys=True, default=str)
-            + f"|{dtype}|{compiled}|{sorted(LAYER_POINTS.items())}|{STREAM_BYTES}|{LAYER_TIMING}")
+    from flexgraph.models.forward import PREFILL_CHUNK_TOKENS
+    text = (json.dumps(d, sort_keys=True, default=str) + f"|{dtype}|{compiled}|{sorted(LAYER_POINTS.items())}"
+            f"|{STREAM_BYTES}|{LAYER_TIMING}|{PREFILL_CHUNK_TOKENS}")
     return "layers-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -577,8 +578,14 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
     one moment of it: six calibrations in a row put that MLP at 0.88-1.22x its analytic
     time.  Spread over the span, each median samples the host as a long run meets it
     (a run's compute lane alternates the kinds too)."""
-    from flexgraph.models.spec import HEAD, MLP
-    steps = _layer_steps(model, dtype, compiled, device)
+    steps = layer_steps(model, dtype, compiled, device)
+    time_interleaved(steps)
+    return layer_corrections(steps)
+
+
+def time_interleaved(steps: list[TimedStep]) -> None:
+    """Time ``steps`` in rounds that each time every step once, until the rounds span
+    ``LAYER_MIN_SPAN_SECONDS`` (``LAYER_ROUNDS`` to ``LAYER_MAX_ROUNDS`` rounds)."""
     with torch.inference_mode():
         for step in steps:
             step.run()                                          # warm-up
@@ -586,8 +593,13 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
         while rounds < LAYER_ROUNDS or (rounds < LAYER_MAX_ROUNDS
                                         and time.perf_counter() - start < LAYER_MIN_SPAN_SECONDS):
             for step in steps:
-                step.times.append(_one_round(step.run, LAYER_ROUND_SECONDS))
+                step.times.append(time_round(step.run, LAYER_ROUND_SECONDS))
             rounds += 1
+
+
+def layer_corrections(steps: list[TimedStep]) -> dict[str, list[list[float]]]:
+    """Per kind, ``[[tokens, median time / analytic time], ...]`` of timed steps."""
+    from flexgraph.models.spec import HEAD, MLP
     out: dict[str, list[list[float]]] = {}
     for step in steps:
         out.setdefault(step.kind, []).append([step.tokens, statistics.median(step.times) / step.analytic])
@@ -600,7 +612,7 @@ def measure_layers(model, dtype: torch.dtype, compiled: bool, device: torch.devi
 
 
 @dataclass
-class _TimedStep:
+class TimedStep:
     """One layer kind at one point: the call that runs it and its times so far."""
     kind: str
     tokens: int                         # batch x new tokens
@@ -609,7 +621,7 @@ class _TimedStep:
     times: list[float] = field(default_factory=list)
 
 
-def _layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device) -> list[_TimedStep]:
+def layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device) -> list[TimedStep]:
     """A timed step per layer kind and point of ``LAYER_POINTS``: each kind's weights in
     ``_copies`` copies, and for attention one pool of caches that every point's copies
     are rows of (so the pool is as big as the largest point needs, not their sum).
@@ -653,7 +665,7 @@ def _layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device
                 n[0] += 1
                 compute_layer(spec, j, w, x, st, cache, inv_freq, kernels)
 
-            steps.append(_TimedStep(kind, batch * new, model.analytic_time(j, batch, new, context), run))
+            steps.append(TimedStep(kind, batch * new, model.analytic_time(j, batch, new, context), run))
     return steps
 
 

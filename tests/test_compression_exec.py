@@ -91,7 +91,7 @@ def reference_generate(store, ids, mask, gen: int, compress_weight: bool, compre
                     segs = [(slice(None), *dense)]
                 elif cache is not None:
                     segs = cache.segments()
-                x, _ = compute_layer(spec, j, model.layer_w[j], x, st, segs, model.inv_freq)
+                x = compute_layer(spec, j, model.layer_w[j], x, st, segs, model.inv_freq)
                 for q, buf in zip(cache if dense else (), dense):
                     quantize_into(buf[:, st.slot:st.slot + s], q.narrow(1, st.slot, s))
             logits.append(x.float())

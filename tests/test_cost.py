@@ -281,10 +281,10 @@ def test_layer_rounds_are_interleaved_and_each_point_keeps_its_median(monkeypatc
         clock[0] += 4.0                 # each round of a point takes 4 s of the fake clock
         return next(times)
 
-    steps = [C._TimedStep("mlp", 16, 2.0, lambda: calls.append("mlp")),
-             C._TimedStep("attn", 16, 10.0, lambda: calls.append("attn"))]
-    monkeypatch.setattr(C, "_layer_steps", lambda *a: steps)
-    monkeypatch.setattr(C, "_one_round", one_round)
+    steps = [C.TimedStep("mlp", 16, 2.0, lambda: calls.append("mlp")),
+             C.TimedStep("attn", 16, 10.0, lambda: calls.append("attn"))]
+    monkeypatch.setattr(C, "layer_steps", lambda *a: steps)
+    monkeypatch.setattr(C, "time_round", one_round)
     monkeypatch.setattr(C, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(C, "LAYER_ROUNDS", 3)
     monkeypatch.setattr(C, "LAYER_MIN_SPAN_SECONDS", 33.0)     # 3 rounds span 24 s: two more

@@ -74,3 +74,26 @@ def test_cache_on_disk_is_attended_row_major(family, monkeypatch):
     report, _ = _check(family, gbs=2, ngb=2, percent=(0, 100, 0, 0, 0, 100))
     assert report.metrics["disk_io"]["write_bytes"] > 0 and report.metrics["disk_io"]["read_bytes"] > 0
     assert strides and all(strides)
+
+
+@pytest.mark.parametrize("placement,gbs,ngb", [("cache-0-50-50", 3, 2), ("mixed", 4, 2)])
+def test_a_prefill_in_chunks_of_sequences_gives_the_same_tokens(family, monkeypatch, placement, gbs, ngb):
+    """A CPU prefill of more than PREFILL_CHUNK_TOKENS tokens runs a few sequences at a
+    time (here one: the prompts are 7 long).  Cut so, a batch's cache rows split over
+    tiers mid-batch (3 sequences, half their cache on disk) still line up."""
+    from flexgraph.models import forward
+    from flexgraph.models import layers as L
+    monkeypatch.setattr(forward, "PREFILL_CHUNK_TOKENS", 7)
+    batches = []
+    whole = L.attention_layer
+
+    def recording(spec, w, h, *args, **kw):
+        batches.append(tuple(h.shape[:2]))
+        return whole(spec, w, h, *args, **kw)
+
+    monkeypatch.setattr(L, "attention_layer", recording)
+    percent, gpu_mem = PLACEMENTS[placement]
+    _check(family, gbs=gbs, ngb=ngb, percent=percent, gpu_mem=gpu_mem)
+    prefills = {b for b, s in batches if s > 1}
+    decodes = {b for b, s in batches if s == 1}
+    assert prefills == {1} and decodes == {gbs}           # prefill a sequence at a time, decode whole

@@ -65,3 +65,19 @@ def test_spec_weights_match_transformers_state_dict():
         assert ours.items() <= state.items(), name
         unused = set(state) - set(ours) - {"lm_head.weight"}
         assert not unused, (name, unused)
+
+
+def test_segments_of_cuts_cache_segments_to_a_chunk_of_rows():
+    # two segments over 12 rows (5 on one tier, 7 on another); the chunk of rows [3, 9)
+    # takes the last 2 of the first and the first 4 of the second, renumbered from 0
+    import torch
+
+    from flexgraph.models.forward import segments_of
+    k0, v0 = torch.arange(5.0)[:, None], -torch.arange(5.0)[:, None]
+    k1, v1 = torch.arange(5.0, 12.0)[:, None], -torch.arange(5.0, 12.0)[:, None]
+    got = segments_of([(slice(0, 5), k0, v0), (slice(5, None), k1, v1)], 12, 3, 9)
+    assert [rows for rows, _, _ in got] == [slice(0, 2), slice(2, 6)]
+    assert [k[:, 0].tolist() for _, k, _ in got] == [[3.0, 4.0], [5.0, 6.0, 7.0, 8.0]]
+    assert [v[:, 0].tolist() for _, _, v in got] == [[-3.0, -4.0], [-5.0, -6.0, -7.0, -8.0]]
+    assert got[0][1].data_ptr() == k0[3:].data_ptr()          # views into the tiers' buffers, not copies
+    assert segments_of([(slice(0, 5), k0, v0)], 5, 5, 5) == []

@@ -147,7 +147,7 @@ def all_logits(model: InMemoryModel, ids: torch.Tensor, compressed_cache: bool) 
         if spec.layer(j).kind == HEAD:
             return L.head(spec, w, x)
         cache = cache_cls(b * spec.num_kv_heads, t, spec.head_dim, model.dtype) if spec.layer(j).kind == ATTN else None
-        x, _ = compute_layer(spec, j, w, x, st, cache.segments() if cache else None, model.inv_freq)
+        x = compute_layer(spec, j, w, x, st, cache.segments() if cache else None, model.inv_freq)
     raise AssertionError("a model ends with its head layer")
 
 

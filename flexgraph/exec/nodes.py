@@ -328,9 +328,9 @@ def compute(st: RunState, i: int, j: int, k: int, keys: dict) -> None:
     segments, finish = _cache_segments(st, i, j, k, keys) if kind == ATTN else (None, None)
     inputs = _StepView(step)
     if all(isinstance(t, torch.Tensor) and t.dtype == st.dtype for t in w.values()):
-        out, _kv = compute_layer(spec, j, w, x, inputs, segments, st.inv_freq, st.kernels)
+        out = compute_layer(spec, j, w, x, inputs, segments, st.inv_freq, st.kernels)
     else:       # compressed or narrower-stored weights decode on access: eager maths
-        out, _kv = compute_layer(spec, j, _Decoded(w, st.dtype, st.scratch), x, inputs, segments, st.inv_freq)
+        out = compute_layer(spec, j, _Decoded(w, st.dtype, st.scratch), x, inputs, segments, st.inv_freq)
     if finish is not None:
         finish()
     if kind == HEAD:
