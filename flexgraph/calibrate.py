@@ -660,7 +660,7 @@ def layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device)
             st = _LayerStep(batch, new, context, spec, dtype, device)
             x = torch.randn(batch, new, spec.hidden_size, dtype=dtype, device=device)
 
-            def run(j=j, weights=weights, caches=caches, x=x, st=st, n=[0]):
+            def run(j=j, weights=weights, caches=caches, x=x, st=st, n=[0]):    # this point's; n counts calls
                 w, cache = weights[n[0] % len(weights)], caches[n[0] % len(caches)]
                 n[0] += 1
                 compute_layer(spec, j, w, x, st, cache, inv_freq, kernels)
@@ -677,8 +677,7 @@ class _CachePool:
     def __init__(self, spec, points: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device):
         self.nkv = spec.num_kv_heads
         context = max(c for _, _, c in points)
-        per_sequence = 2 * self.nkv * (context + 1) * spec.head_dim * dtype.itemsize
-        self.per_sequence = per_sequence
+        self.per_sequence = per_sequence = 2 * self.nkv * (context + 1) * spec.head_dim * dtype.itemsize
         rows = max(b * _copies(b * per_sequence) for b, _, _ in points) * self.nkv
         self.k = torch.zeros(rows, context + 1, spec.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
