@@ -39,9 +39,8 @@ from flexgraph.weights.resolve import resolve_model
 def back_to_back(steps: list[C.TimedStep]) -> None:
     """Each step's rounds in a row, one step after another."""
     with torch.inference_mode():
-        for step in steps:
-            step.run()                                          # warm-up
-            step.times += [C.time_round(step.run, C.LAYER_ROUND_SECONDS) for _ in range(C.LAYER_ROUNDS)]
+        for step in steps:                                      # a warm-up call, then the rounds
+            step.times += C._round_times(step.run, C.LAYER_ROUNDS, C.LAYER_ROUND_SECONDS)
 
 
 SCHEMES = {"back to back": back_to_back, "interleaved": C.time_interleaved}

@@ -138,29 +138,36 @@ def compute_layer(spec: ModelSpec, j: int, w: Mapping[str, torch.Tensor], x: tor
         return L.embed(spec, w, x, st.pos)
     if kind == HEAD:
         return kernels.head(spec, w, x[:, -1:].contiguous())[:, 0]
-    per_chunk = prefill_chunk(x)
     if kind == MLP:
-        if per_chunk is None:
-            return kernels.mlp(spec, w, x)
-        out = torch.empty_like(x)
-        for b0 in range(0, x.shape[0], per_chunk):
-            out[b0:b0 + per_chunk] = kernels.mlp(spec, w, x[b0:b0 + per_chunk])
-        return out
+        return by_sequences(x, lambda xs, b0, b1: kernels.mlp(spec, w, xs))
     cos = sin = None
     if inv_freq is not None:
         cos, sin = st.rope(inv_freq, x.dtype)
-    mask = st.mask
-    if per_chunk is None:
-        return L.attention_layer(spec, w, x, segments, st.slot, st.key_valid, cos, sin, mask,
-                                 kernels.attention_pre, kernels.attention_post)[0]
-    out, nkv = torch.empty_like(x), spec.num_kv_heads
-    for b0 in range(0, x.shape[0], per_chunk):
-        b1 = min(b0 + per_chunk, x.shape[0])
-        out[b0:b1] = L.attention_layer(
-            spec, w, x[b0:b1], segments_of(segments, x.shape[0] * nkv, b0 * nkv, b1 * nkv), st.slot,
+    mask, nkv = st.mask, spec.num_kv_heads
+
+    def attention(xs: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        if b1 - b0 == x.shape[0]:                                   # the whole batch, as it is
+            return L.attention_layer(spec, w, xs, segments, st.slot, st.key_valid, cos, sin, mask,
+                                     kernels.attention_pre, kernels.attention_post)[0]
+        return L.attention_layer(
+            spec, w, xs, segments_of(segments, x.shape[0] * nkv, b0 * nkv, b1 * nkv), st.slot,
             st.key_valid[b0:b1], cos[b0:b1] if cos is not None else None, sin[b0:b1] if sin is not None else None,
             mask.batches(b0, b1, x.device) if mask is not None else None,
             kernels.attention_pre, kernels.attention_post)[0]
+
+    return by_sequences(x, attention)
+
+
+def by_sequences(x: torch.Tensor, layer: Callable[[torch.Tensor, int, int], torch.Tensor]) -> torch.Tensor:
+    """``layer(xs, b0, b1)`` (``xs = x[b0:b1]``: [b, s, H] -> [b, s, H]) over the whole
+    batch at once, or over chunks of :func:`prefill_chunk` sequences into one output."""
+    per_chunk = prefill_chunk(x)
+    if per_chunk is None:
+        return layer(x, 0, x.shape[0])
+    out = torch.empty_like(x)
+    for b0 in range(0, x.shape[0], per_chunk):
+        b1 = min(b0 + per_chunk, x.shape[0])
+        out[b0:b1] = layer(x[b0:b1], b0, b1)
     return out
 
 
