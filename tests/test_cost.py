@@ -3,7 +3,7 @@
 import pytest
 
 from flexgraph.calibrate import Calibration, _interp
-from flexgraph.graph.builder import Workload
+from flexgraph.graph.builder import Workload, part_of
 from flexgraph.models.builtin import builtin_config
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.checker import check_path
@@ -387,3 +387,23 @@ def test_tight_layer_corrections_are_measured_in_a_child_under_the_tight_allocat
     assert {k: [t for t, _ in v] for k, v in got["corrections"].items() if k != "head"} == \
         {k: sorted(tokens) for k in ("attn", "mlp", "embed")}
     assert all(r > 0 for table in got["corrections"].values() for _, r in table)
+
+
+def test_the_search_extrapolation_matches_the_full_graph_and_costs_the_head_as_a_head():
+    """The search times 2- and 3-block copies of the model and extrapolates in depth; on a
+    graph that is linear in depth that must give the full graph's estimate.  The copies'
+    last layer is the head: costed by the full model's layer kinds, index 5 or 7 is an
+    attention layer, and the head (OPT's 50k-word product) went uncounted."""
+    from flexgraph.plan.search import _estimate
+    spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))      # 24 blocks
+    model = with_matmul(calibration(), spec)
+    wl, cap = Workload(8, 64, 4), {"gpu": None, "cpu": 1 << 40, "disk": 1 << 40}
+    policy = Policy(8, 1, Split(0, 100), Split(0, 100), Split(0, 100))
+    graph, checked = plan_for_policy(spec, wl, policy, False, cap)
+    full = simulate(graph, checked, model)
+    extrapolated = _estimate(spec, wl, policy, False, cap, model, True, True)
+    assert extrapolated.block_seconds == pytest.approx(full.block_seconds, rel=1e-6)
+    assert extrapolated.parts == pytest.approx(full.parts, rel=1e-6)
+    assert set(full.parts) == {part_of(spec, *node[:3]) for node in checked.path}
+    assert "compute prefill head" in full.parts and "compute decode head" in full.parts
+    assert sum(full.parts.values()) == pytest.approx(sum(full.lane_busy.values()))

@@ -11,6 +11,8 @@ import pytest
 
 from exec_helpers import (FAMILIES, GEN, LENGTHS, PLACEMENTS, SHAPES, assert_peaks_within_plan, prompts_of, run_tiny,
                           each_schedule, record_row_major_keys, shape_id, tiny_case)
+from flexgraph.graph.builder import part_of
+from flexgraph.models.spec import ModelSpec
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -57,6 +59,13 @@ def test_without_prefetch(family):
 def test_more_prompts_than_a_block_run_as_several_blocks(family):
     report, plan = _check(family, gbs=2, ngb=1, percent=PLACEMENTS["cache-0-50-50"][0])
     assert plan.policy.block_size == 2 and report.metrics["blocks"] == 4
+    # the metrics add every node's seconds up by part, in every block, as the estimate does
+    spec = ModelSpec.from_hf_config(plan.model["config"])
+    parts, lanes = report.metrics["parts"], report.metrics["lanes"]
+    assert set(parts) == {part_of(spec, kind, i, j) for kind, i, j, _k in plan.path}
+    assert {"load_cache decode attn", "store_cache prefill attn", "compute decode head"} <= set(parts)
+    assert sum(parts.values()) == pytest.approx(sum(lane["busy_seconds"] for lane in lanes.values()))
+    assert parts["compute prefill mlp"] + parts["compute decode mlp"] < lanes["compute"]["busy_seconds"]
 
 
 def test_partial_last_block(family):

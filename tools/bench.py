@@ -13,7 +13,9 @@ before each run, see ``tools/cgroup_run.py``):
 - the **roofline** of the plan flexgraph ran: the time its bytes and FLOPs need at the
   calibrated rates with perfect overlap (``flexgraph.plan.cost.roofline``), and which
   resource bounds it;
-- the **cost model's estimate** for that plan, against the measurement.
+- the **cost model's estimate** for that plan, against the measurement — in total and
+  part by part (:func:`estimate_parts`: node seconds by kind, phase and layer kind, and
+  the compute lane's idle time), so a miss can be placed.
 
 The dtype: flexgraph computes in what its planner picks for this CPU (bfloat16 where
 the CPU multiplies it at least half as fast as float32 — AMX — else float32); the peers
@@ -170,11 +172,49 @@ def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compr
         "roofline_bound": roof.get("bound"), "roofline_resources": roof.get("resources"),
         "overlap_ratio": m.get("overlap_ratio"), "executor_overhead": m.get("executor_overhead"),
         "bytes_moved": m.get("bytes_moved"), "lanes": m.get("lanes"),
+        "estimate_parts": estimate_parts(est, m),
     }
     if detail["roofline_seconds"]:
         detail["roofline_throughput"] = m["num_sequences"] * gen_len / detail["roofline_seconds"]
         detail["of_roofline"] = detail["roofline_seconds"] / measured
     return Row(sc.name, system, m["throughput"]["total"], detail)
+
+
+COMPUTE_IDLE = "compute lane idle"
+
+
+def estimate_parts(estimate: dict, metrics: dict) -> dict[str, dict[str, float | None]]:
+    """The plan's estimate against the run's metrics, part by part: node seconds by
+    ``graph.builder.part_of`` (both sides add them up by it), and the compute lane's idle
+    time (wall time it waited on loads, stores and dispatch), each as
+    ``{"estimate", "measured", "error"}`` with error = (estimate - measured) / measured."""
+    est_parts, run_parts = estimate.get("parts") or {}, metrics.get("parts") or {}
+    if not est_parts or not run_parts:
+        return {}                     # a plan or a run from before parts were recorded
+    pairs = {k: (est_parts.get(k, 0.0), run_parts.get(k, 0.0)) for k in sorted({*est_parts, *run_parts})}
+    blocks = metrics.get("blocks", 1)
+    est_busy = (estimate.get("lane_busy") or {}).get("compute", 0.0) * blocks
+    run_busy = ((metrics.get("lanes") or {}).get("compute") or {}).get("busy_seconds", 0.0)
+    pairs[COMPUTE_IDLE] = (max(0.0, estimate.get("total_seconds", 0.0) - est_busy),
+                           max(0.0, metrics["seconds"]["total"] - run_busy))
+    return {k: {"estimate": e, "measured": m, "error": (e - m) / m if m else None} for k, (e, m) in pairs.items()}
+
+
+def parts_markdown(report: dict[str, Any], share: float = 0.03) -> str:
+    """Where flexgraph's estimate and run differ: the parts over ``share`` of the run."""
+    lines = ["| scenario | part | estimate s | measured s | error |", "|---|---|---:|---:|---:|"]
+    for sc_name, sc in report["scenarios"].items():
+        for r in sc["rows"]:
+            if not r["system"].startswith("flexgraph"):
+                continue
+            d = r["detail"]
+            parts, total = d.get("estimate_parts") or {}, (d.get("seconds") or {}).get("total")
+            for part, p in sorted(parts.items(), key=lambda kv: -kv[1]["measured"]):
+                if total and max(p["measured"], p["estimate"]) >= share * total:
+                    err = "" if p["error"] is None else f"{p['error']:+.0%}"
+                    lines.append(f"| {sc_name} {r['system']} | {part} | {p['estimate']:.1f} | "
+                                 f"{p['measured']:.1f} | {err} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def _last_error(stderr: bytes | None) -> str:
@@ -338,6 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print()
     print(markdown(report))
+    parts = parts_markdown(report)
+    if parts:
+        print()
+        print(parts)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0

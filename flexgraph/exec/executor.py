@@ -37,7 +37,7 @@ from flexgraph.exec.homes import Tiers, load_weight_homes, make_cache_homes
 from flexgraph.exec.lanes import Completion, Lane, LaneStopped
 from flexgraph.exec.memory import MemoryManager
 from flexgraph.exec.nodes import RUNNERS, BatchInputs, RunState
-from flexgraph.graph.builder import COMPUTE, KINDS, make_sizes, scratch_homes
+from flexgraph.graph.builder import COMPUTE, KINDS, make_sizes, part_of, scratch_homes
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.planfile import Plan
@@ -96,6 +96,7 @@ class _Node:
     deps: list[int]
     label: str
     moves: list[tuple]
+    part: str               # graph.builder.part_of: what the node's seconds count towards
 
 
 class Executor:
@@ -127,6 +128,7 @@ class Executor:
         self.lanes: dict[str, Lane] = {}
         self.state: RunState | None = None
         self.moved: dict[tuple[str, str], int] = {}
+        self.part_seconds: dict[str, float] = {}     # node seconds by part_of, every block so far
         self._closed = False
 
     # ---- set-up ----------------------------------------------------------------------------
@@ -142,7 +144,7 @@ class Executor:
             kind, i, j, k = node
             out.append(_Node(kind, i, j, k, request, attrs["allocs"], self.checked.uses[p],
                              self.checked.releases[p], self.checked.deps[p], f"{kind}({i},{j},{k})",
-                             attrs["moves"]))
+                             attrs["moves"], part_of(self.spec, kind, i, j)))
         return out
 
     def setup(self) -> None:
@@ -247,11 +249,14 @@ class Executor:
             node = dispatched[p]
             if exc is not None:
                 errors.append(exc)
-            elif node.kind == COMPUTE:
-                if node.i == 0:
-                    prefill_end = max(prefill_end, completions[p].end)
-                if on_compute is not None:
-                    on_compute(node)
+            else:
+                c = completions[p]
+                self.part_seconds[node.part] = self.part_seconds.get(node.part, 0.0) + (c.end - c.start)
+                if node.kind == COMPUTE:
+                    if node.i == 0:
+                        prefill_end = max(prefill_end, c.end)
+                    if on_compute is not None:
+                        on_compute(node)
             for inst in touched:
                 inst.pending -= 1
                 if inst.pending == 0 and inst.final and not inst.freed:

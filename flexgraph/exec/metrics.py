@@ -12,7 +12,9 @@ Tokens count every sequence computed, filler rows of a last partial block includ
 ``overlap_ratio``: of the time the I/O lanes were busy, the share during which the
 compute lane was busy too (1.0 = all I/O hidden behind compute).  ``executor_overhead``:
 the share of wall time during which no lane was doing any work — dispatch, Python
-bookkeeping, waiting on memory grants.
+bookkeeping, waiting on memory grants.  ``parts``: node seconds by
+:func:`flexgraph.graph.builder.part_of` (kind, phase, layer kind), as the plan's
+estimate has them.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def overlap_and_overhead(spans: dict[str, list[tuple[float, float, str]]], windo
 
 def build_metrics(*, workload, policy, timings, num_sequences: int, memory_stats, measured_peak: dict[str, int],
                   planned: dict, disk_stats, moved: dict, lanes: dict, spans: dict, setup_seconds: float,
-                  pool_stats=None) -> dict:
+                  pool_stats=None, parts: dict[str, float] | None = None) -> dict:
     prefill = sum(t.prefill_end - t.start for t in timings)
     decode = sum(t.end - t.prefill_end for t in timings)
     n = num_sequences
@@ -93,6 +95,7 @@ def build_metrics(*, workload, policy, timings, num_sequences: int, memory_stats
         "lanes": {name: {"busy_seconds": s.busy_seconds, "items": s.items} for name, s in lanes.items()},
         "overlap_ratio": overlap,
         "executor_overhead": overhead,
+        "parts": dict(sorted((parts or {}).items())),
     }
 
 

@@ -99,7 +99,8 @@ def run_plan(plan: Plan, store, prompts: list[Prompt] | None = None, sampling: S
             memory_stats=stats, measured_peak=measured, planned=plan.residency,
             disk_stats=executor.disk.statistics(), moved=executor.moved,
             lanes={n: lane.statistics() for n, lane in executor.lanes.items()}, spans=executor.spans(),
-            setup_seconds=setup_seconds, pool_stats=executor.tiers.pool.statistics())
+            setup_seconds=setup_seconds, pool_stats=executor.tiers.pool.statistics(),
+            parts=executor.part_seconds)
         if trace_path:
             write_json_atomic(trace_path, chrome_trace(executor.spans(), timings[0].start))
     finally:

@@ -151,6 +151,14 @@ class Sizes:
         return sum(self.act_rows) - self.act_rows[TIERS.index(self.compute_tier)]
 
 
+def part_of(spec: ModelSpec, kind: str, i: int, j: int) -> str:
+    """The part of a run that node ``(kind, i, j, k)`` counts towards: its kind, the phase
+    (step 0 is the prefill) and its layer's kind, e.g. ``compute prefill mlp``.  The cost
+    model's estimate and the executor's metrics both add their node seconds up by it, so
+    where the two differ can be read part by part (``tools/bench.py``)."""
+    return f"{kind} {'prefill' if i == 0 else 'decode'} {spec.layer(j).kind}"
+
+
 def compute_tier(has_gpu_tier: bool) -> str:
     return "gpu" if has_gpu_tier else "cpu"
 

@@ -24,6 +24,7 @@ or the bytes over one link) at the calibrated rates with perfect overlap.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,7 +32,7 @@ import networkx as nx
 
 from flexgraph.calibrate import Calibration, _interp
 from flexgraph.compress.quant import should_compress
-from flexgraph.graph.builder import COMPUTE
+from flexgraph.graph.builder import COMPUTE, part_of
 from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
 from flexgraph.plan.checker import CheckedPath
 
@@ -136,6 +137,17 @@ class CostModel:
                             self.compress_cache, policy.storage_dtype)
             got._root, got._variants = root, self._variants
             self._variants[key] = got
+        return got
+
+    def for_spec(self, spec: ModelSpec) -> CostModel:
+        """This model for a copy of its model with fewer blocks (the search times 2- and
+        3-block copies): layer ``j`` is the copy's, whose last layer is the head — by
+        the full model's layers that index is an attention layer.  The layers' shapes are
+        the same, so the calibration, corrections and timed layer kinds are shared."""
+        if spec == self.spec:
+            return self
+        got = copy.copy(self)
+        got.spec = spec
         return got
 
     def cast_time(self, j: int, batch: int, new: int, context: int) -> float:
@@ -248,6 +260,7 @@ class Estimate:
     decode_seconds: float               # per block
     lane_busy: dict[str, float]         # per block
     blocks: int
+    parts: dict[str, float] = field(default_factory=dict)   # per block, by graph.builder.part_of
 
     @property
     def total_seconds(self) -> float:
@@ -270,6 +283,8 @@ def simulate(graph: nx.DiGraph, checked: CheckedPath, model: CostModel, overlap:
     end = [0.0] * len(checked.path)
     lane_free: dict[str, float] = {}
     busy: dict[str, float] = {}
+    parts: dict[str, float] = {}
+    spec = model.spec
     prefill_end = 0.0
     io_debt = 0.0           # CPU time disk transfers took since the last compute node
     for p, node in enumerate(checked.path):
@@ -299,10 +314,12 @@ def simulate(graph: nx.DiGraph, checked: CheckedPath, model: CostModel, overlap:
         if on_disk:
             lane_free[DISK] = end[p]
         busy[lane] = busy.get(lane, 0.0) + dur
+        part = part_of(spec, lane, attrs["i"], attrs["j"])
+        parts[part] = parts.get(part, 0.0) + dur
         if lane == COMPUTE and attrs["i"] == 0 and end[p] > prefill_end:
             prefill_end = end[p]
     total = max(end) if end else 0.0
-    return Estimate(total, prefill_end, total - prefill_end, busy, blocks)
+    return Estimate(total, prefill_end, total - prefill_end, busy, blocks, parts)
 
 
 @dataclass

@@ -371,6 +371,9 @@ def plan_estimate(graph: nx.DiGraph, checked: CheckedPath, cost_model, workload:
         "roofline": {"block_seconds": roof.seconds, "bound": roof.bound, "resources": roof.resources,
                      "throughput": n * workload.gen_len / (roof.seconds * blocks)},
         "lane_busy": est.lane_busy,
+        # seconds of node time per part of the run (graph.builder.part_of), all blocks:
+        # what the executor's metrics report as "parts", to compare part by part
+        "parts": {k: v * blocks for k, v in sorted(est.parts.items())},
     }
 
 

@@ -180,15 +180,16 @@ def _estimate(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool
         small = replace(spec, num_blocks=min(spec.num_blocks, blocks))
         graph, checked = plan_for_policy(small, workload, policy, has_gpu, dict.fromkeys(TIERS, 1 << 62),
                                          prefetch)
-        times.append(simulate(graph, checked, model, overlap))
+        times.append(simulate(graph, checked, model.for_spec(small), overlap))
         if spec.num_blocks <= blocks:
             return times[-1]
     a, b = times
     extra = spec.num_blocks - 3
     per = lambda x, y: y + extra * (y - x)   # noqa: E731  (linear in depth)
     busy = {k: per(a.lane_busy.get(k, 0.0), v) for k, v in b.lane_busy.items()}
+    parts = {k: per(a.parts.get(k, 0.0), v) for k, v in b.parts.items()}
     return Estimate(per(a.block_seconds, b.block_seconds), per(a.prefill_seconds, b.prefill_seconds),
-                    per(a.decode_seconds, b.decode_seconds), busy, 1)
+                    per(a.decode_seconds, b.decode_seconds), busy, 1, parts)
 
 
 def _rough_allowance(spec: ModelSpec, workload: Workload, base: Policy, has_gpu: bool) -> dict[str, int]:

@@ -1,0 +1,60 @@
+"""tools/bench.py's comparison of the cost model's estimate with a run, part by part."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH_PY = Path(__file__).resolve().parents[1] / "tools" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_under_test", BENCH_PY)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_under_test"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# An estimate of two blocks (its lane_busy is per block, its parts and total for the run)
+# and a run's metrics: the prefill's MLP ran 20% over, the decode's attention as modelled,
+# a store the model did not expect, and the compute lane waited 3 s instead of 1.
+ESTIMATE = {"total_seconds": 21.0, "lane_busy": {"compute": 10.0, "store_cache": 0.5},
+            "parts": {"compute prefill mlp": 10.0, "compute decode attn": 10.0}}
+METRICS = {"blocks": 2, "seconds": {"total": 30.0},
+           "lanes": {"compute": {"busy_seconds": 27.0}, "store_cache": {"busy_seconds": 2.0}},
+           "parts": {"compute prefill mlp": 12.5, "compute decode attn": 10.0, "store_cache prefill attn": 2.0}}
+
+
+def test_estimate_parts_pairs_each_part_and_the_compute_lanes_idle_time(bench):
+    parts = bench.estimate_parts(ESTIMATE, METRICS)
+    assert set(parts) == {"compute prefill mlp", "compute decode attn", "store_cache prefill attn",
+                          bench.COMPUTE_IDLE}
+    assert parts["compute prefill mlp"] == {"estimate": 10.0, "measured": 12.5, "error": pytest.approx(-0.2)}
+    assert parts["compute decode attn"]["error"] == 0.0
+    assert parts["store_cache prefill attn"] == {"estimate": 0.0, "measured": 2.0, "error": -1.0}
+    # idle: 21 - 2 x 10 estimated, 30 - 27 measured
+    assert parts[bench.COMPUTE_IDLE] == {"estimate": pytest.approx(1.0), "measured": pytest.approx(3.0),
+                                         "error": pytest.approx(-2 / 3)}
+
+
+def test_a_plan_or_run_from_before_parts_gives_no_parts(bench):
+    assert bench.estimate_parts({k: v for k, v in ESTIMATE.items() if k != "parts"}, METRICS) == {}
+    assert bench.estimate_parts(ESTIMATE, {k: v for k, v in METRICS.items() if k != "parts"}) == {}
+
+
+def test_the_parts_table_lists_flexgraphs_parts_over_a_share_of_the_run(bench):
+    detail = {"seconds": METRICS["seconds"], "estimate_parts": bench.estimate_parts(ESTIMATE, METRICS)}
+    report = {"scenarios": {"b": {"rows": [
+        {"system": "flexgraph", "detail": detail},
+        {"system": "accelerate", "detail": {"estimate_parts": detail["estimate_parts"]}}]}}}
+    lines = bench.parts_markdown(report, share=0.09).splitlines()
+    # 12.5, 10 and 3 of 30 s are over 9%; the store's 2 s is not; the peer has no parts
+    assert [ln.split(" | ")[1] for ln in lines[2:]] == ["compute prefill mlp", "compute decode attn",
+                                                        bench.COMPUTE_IDLE]
+    assert lines[2] == "| b flexgraph | compute prefill mlp | 10.0 | 12.5 | -20% |"
+    assert bench.parts_markdown({"scenarios": {}}) == ""
