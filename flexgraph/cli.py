@@ -238,6 +238,12 @@ def cmd_execute(args: argparse.Namespace) -> int:
         print(f"throughput: {tp['total']:.1f} tokens/s total (prefill {tp['prefill']:.1f}, decode "
               f"{tp['decode'] or 0:.1f}); {m['num_sequences']} sequences, {m['seconds']['total']:.2f} s; "
               f"executor overhead {m['executor_overhead']:.1%}{overlap}")
+        per_block = (plan.estimate or {}).get("block_seconds")
+        total = m["seconds"]["total"]
+        if per_block and total:       # the plan's estimate for the blocks this run computed
+            est = per_block * m["blocks"]
+            print(f"estimate: {est:.2f} s for {m['blocks']} block(s), {(est - total) / total:+.0%} against the "
+                  "measured time (plan --search cost)")
     return 0
 
 
