@@ -649,8 +649,7 @@ def layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device)
             if phase == "prefill-large" and model.analytic_time(j, batch, new, context) > LARGE_POINT_SECONDS:
                 continue
             if kind == ATTN:      # a large model's cache at a large batch is timed at a smaller one
-                per_sequence = 2 * spec.num_kv_heads * (context + 1) * spec.head_dim * dtype.itemsize
-                batch = max(1, min(batch, MAX_LAYER_BYTES // per_sequence))
+                batch = max(1, min(batch, MAX_LAYER_BYTES // _cache_bytes_per_sequence(spec, context, dtype)))
             points.append((batch, new, context))
         pool = _CachePool(spec, points, dtype, device) if kind == ATTN else None
         for batch, new, context in points:
@@ -669,6 +668,12 @@ def layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device)
     return steps
 
 
+def _cache_bytes_per_sequence(spec, context: int, dtype: torch.dtype) -> int:
+    """Keys and values of one sequence's cache rows at ``context`` tokens, plus the slot
+    a step writes."""
+    return 2 * spec.num_kv_heads * (context + 1) * spec.head_dim * dtype.itemsize
+
+
 class _CachePool:
     """Keys and values ``[rows, context + 1, D]`` for every attention point of a
     calibration: a point of ``batch`` sequences gets ``_copies`` disjoint row ranges of
@@ -677,7 +682,7 @@ class _CachePool:
     def __init__(self, spec, points: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device):
         self.nkv = spec.num_kv_heads
         context = max(c for _, _, c in points)
-        self.per_sequence = per_sequence = 2 * self.nkv * (context + 1) * spec.head_dim * dtype.itemsize
+        self.per_sequence = per_sequence = _cache_bytes_per_sequence(spec, context, dtype)
         rows = max(b * _copies(b * per_sequence) for b, _, _ in points) * self.nkv
         self.k = torch.zeros(rows, context + 1, spec.head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
