@@ -17,12 +17,12 @@ What is measured (for one working dtype and device):
 - **per-node overhead** of the executor's lanes (submission to completion of an empty
   item), which bounds how small a node can usefully be;
 - **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
-  eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (a small and a
-  large decode batch, a prefill of 8k and of 32k tokens) with its weights and cache
-  streamed from memory; the ratio to the analytic time corrects the cost model
-  (element-wise chains and memory-bound products are not what FLOP/s predict); on a
-  CPU measured again, when a plan first needs it, under the allocator a tight run uses
-  (:func:`measure_layers_tight`);
+  eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (decode batches of
+  1, 16 and 256 sequences; prefills of 1, 16 and 64 sequences of 512 tokens) with its
+  weights and cache streamed from memory; the ratio to the analytic time corrects the
+  cost model, prefill and decode apart (element-wise chains and memory-bound products
+  are not what FLOP/s predict); on a CPU measured again, when a plan first needs it,
+  under the allocator a tight run uses (:func:`measure_layers_tight`);
 - **4-bit decoding** (:func:`measure_dequant`), when a plan compresses weights or cache;
 - **converting from a storage dtype** (:func:`measure_cast`), when a plan may keep
   weights and cache narrower than it computes;
@@ -462,23 +462,30 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
 
 
 # ---- the model's own layers ----------------------------------------------------------------------
-# (batch, new tokens, context) at which each layer kind is timed.  Decode is timed at a
-# small and a large batch: per token, a small batch measured 3-4x its analytic time here
+# (batch, new tokens, context) at which each layer kind is timed.  Decode is timed at
+# 1, 16 and 256 sequences: per token, a small batch measured 3-4x its analytic time here
 # against ~1.3x for a large one (fixed per-kernel costs no rate of big matmuls predicts),
 # and the search must see that to weigh small GPU batches (fast prefill) against large
-# ones (cheap decode).  Prefill is timed at 8k and 32k tokens: the search picks GPU
+# ones (cheap decode).  Prefill is timed at 512, 8k and 32k tokens: the search picks GPU
 # batches of 64-256 sequences where the model is small (a prefill node of 32k-131k
 # tokens), and extrapolating from 8k alone put those 0.55-1.5x off (its ratio moved
-# that much between calibrations); the larger point is skipped where its analytic time
+# that much between calibrations); the largest point is skipped where its analytic time
 # exceeds LARGE_POINT_SECONDS (a big model's layer would take many seconds a call).
-LAYER_POINTS = {"decode-small": (16, 1, 512), "decode": (256, 1, 512), "prefill": (16, 512, 512),
-                "prefill-large": (64, 512, 512)}
+# Prefill and decode are corrected apart (:func:`correction_key`): one table by tokens
+# had a 4 x 512 prefill's attention between a 256-sequence decode's ratio (3.2) and a
+# 16 x 512 prefill's (1.2), and SmolLM2's prefill attention at 1-4 sequences came out
+# 1.4-2.1x its measured time.
+TIMED_CONTEXT = 512               # the cached tokens a timed decode step reads (and a timed prefill's length)
+LAYER_POINTS = {"decode-tiny": (1, 1, TIMED_CONTEXT), "decode-small": (16, 1, TIMED_CONTEXT),
+                "decode": (256, 1, TIMED_CONTEXT), "prefill-small": (1, 512, TIMED_CONTEXT),
+                "prefill": (16, 512, TIMED_CONTEXT), "prefill-large": (64, 512, TIMED_CONTEXT)}
 LARGE_POINT_SECONDS = 1.0
 LAYER_ROUNDS = 5                  # at least this many rounds of every point ...
 LAYER_MIN_SPAN_SECONDS = 30.0     # ... and more until the rounds span this long (measure_layers) ...
 LAYER_MAX_ROUNDS = 25             # ... but no more than this many
 LAYER_ROUND_SECONDS = 0.1         # one round of one point runs at least this long
-LAYER_TIMING = 2                  # in the layers' cache key: 2 = rounds interleaved over a span (was back to back)
+LAYER_TIMING = 3                  # in the layers' cache key: 2 = rounds interleaved over a span (was back to
+                                  # back), 3 = a table per phase and kind
 # Cycle through this much weight memory, and as much KV cache, when timing a layer: a
 # run streams every layer's weights and every batch's cache from DRAM, and a timing
 # that reuses a few copies would find them in the last-level cache (105 MiB on this
@@ -597,24 +604,31 @@ def time_interleaved(steps: list[TimedStep]) -> None:
             rounds += 1
 
 
+def correction_key(kind: str, new: int) -> str:
+    """The corrections table a compute of ``new`` tokens per sequence of a ``kind`` layer
+    is scaled by: ``"prefill mlp"``, ``"decode attn"``, ... (named as the estimate's parts)."""
+    return f"{'prefill' if new > 1 else 'decode'} {kind}"
+
+
 def layer_corrections(steps: list[TimedStep]) -> dict[str, list[list[float]]]:
-    """Per kind, ``[[tokens, median time / analytic time], ...]`` of timed steps."""
-    from flexgraph.models.spec import HEAD, MLP
+    """Per table (:func:`correction_key`), ``[[tokens, median time / analytic time], ...]``
+    of timed steps; the embedding is scaled as the MLP (it is not timed)."""
+    from flexgraph.models.spec import EMBED, MLP
     out: dict[str, list[list[float]]] = {}
     for step in steps:
-        out.setdefault(step.kind, []).append([step.tokens, statistics.median(step.times) / step.analytic])
-    if HEAD in out:                                             # the head's prefill is its last position
-        out[HEAD].append([LAYER_POINTS["prefill"][0] * LAYER_POINTS["prefill"][1], max(out[HEAD])[1]])
-    out = {kind: sorted(table) for kind, table in out.items()}
-    if MLP in out and "embed" not in out:
-        out["embed"] = out[MLP]
+        out.setdefault(step.table, []).append([step.tokens, statistics.median(step.times) / step.analytic])
+    out = {table: sorted(rows) for table, rows in out.items()}
+    for phase in ("prefill", "decode"):
+        mlp, embed = f"{phase} {MLP}", f"{phase} {EMBED}"
+        if mlp in out and embed not in out:
+            out[embed] = out[mlp]
     return out
 
 
 @dataclass
 class TimedStep:
     """One layer kind at one point: the call that runs it and its times so far."""
-    kind: str
+    table: str                          # the corrections table it is a point of (correction_key)
     tokens: int                         # batch x new tokens
     analytic: float                     # the cost model's time before corrections
     run: Callable[[], None]
@@ -664,7 +678,8 @@ def layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device)
                 n[0] += 1
                 compute_layer(spec, j, w, x, st, cache, inv_freq, kernels)
 
-            steps.append(TimedStep(kind, batch * new, model.analytic_time(j, batch, new, context), run))
+            steps.append(TimedStep(correction_key(kind, new), batch * new, model.analytic_time(j, batch, new, context),
+                                   run))
     return steps
 
 

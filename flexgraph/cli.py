@@ -1,4 +1,4 @@
-"""The ``flexgraph`` command: ``plan``, ``execute``, ``convert`` and ``verify``.
+"""The ``flexgraph`` command: ``plan`` and ``execute``.
 
 Every user error (a :class:`~flexgraph.errors.FlexgraphError`) is printed as one line,
 ``error: ...``, with exit status 2; Ctrl-C exits with 130 after cleaning up.

@@ -2,7 +2,7 @@
 
 import pytest
 
-from flexgraph.calibrate import Calibration, _interp
+from flexgraph.calibrate import TIMED_CONTEXT, Calibration, _interp
 from flexgraph.graph.builder import Workload, part_of
 from flexgraph.models.builtin import builtin_config
 from flexgraph.models.spec import ModelSpec
@@ -196,7 +196,7 @@ def test_beyond_the_largest_timed_layer_the_time_per_sequence_is_the_measured_on
     # 16-sequence one, whatever faster rate the matmul table has at larger M
     spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
     model = with_matmul(calibration(), spec)
-    model.corrections = {"mlp": [[16, 2.0], [8192, 1.5]], "attn": [[16, 2.0], [8192, 1.1]]}
+    model.corrections = {"prefill mlp": [[512, 2.0], [8192, 1.5]], "prefill attn": [[512, 2.0], [8192, 1.1]]}
     for j in (1, 2):
         ref = model.compute_time(j, 16, 512, 512)
         assert model.compute_time(j, 256, 512, 512) == pytest.approx(16 * ref)
@@ -204,7 +204,55 @@ def test_beyond_the_largest_timed_layer_the_time_per_sequence_is_the_measured_on
         assert model.analytic_time(j, 256, 512, 512) < 16 * model.analytic_time(j, 16, 512, 512)
     # within the timed range, the interpolated correction as before
     assert model.compute_time(2, 8, 512, 512) == pytest.approx(
-        model.analytic_time(2, 8, 512, 512) * _interp(model.corrections["mlp"], 4096))
+        model.analytic_time(2, 8, 512, 512) * _interp(model.corrections["prefill mlp"], 4096))
+
+
+def test_prefill_and_decode_are_corrected_by_their_own_tables():
+    # A 4 x 512 prefill (2,048 tokens) lies between a 256-sequence decode and a 16 x 512
+    # prefill by token count; it is scaled by the prefill table alone.  A decode step and
+    # the head (one position a sequence, also in a prefill) take the times measured at the
+    # decode batches, linear in the batch between them.
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    model = with_matmul(calibration(), spec)
+    attn, head = 1, spec.num_layers - 1
+    model.corrections = {"decode attn": [[1, 5.0], [256, 3.0]], "prefill attn": [[512, 1.5], [8192, 1.2]],
+                         "decode head": [[1, 4.0], [256, 2.0]]}
+    assert model.compute_time(attn, 4, 512, 512) == pytest.approx(
+        model.analytic_time(attn, 4, 512, 512) * _interp([[512, 1.5], [8192, 1.2]], 2048))
+
+    def measured(j, table):     # the decode table's times at its batches, at the timed context
+        return [r * model.analytic_time(j, b, 1, TIMED_CONTEXT) for b, r in table]
+
+    t1, t256 = measured(attn, model.corrections["decode attn"])
+    assert model.compute_time(attn, 1, 1, TIMED_CONTEXT) == pytest.approx(t1)
+    assert model.compute_time(attn, 4, 1, TIMED_CONTEXT) == pytest.approx(t1 + 3 / 255 * (t256 - t1))
+    # another context: scaled by the analytic time's change at that batch
+    assert model.compute_time(attn, 4, 1, 2 * TIMED_CONTEXT) == pytest.approx(
+        (t1 + 3 / 255 * (t256 - t1)) * model.analytic_time(attn, 4, 1, 2 * TIMED_CONTEXT)
+        / model.analytic_time(attn, 4, 1, TIMED_CONTEXT))
+    h1, h256 = measured(head, model.corrections["decode head"])
+    for new in (1, 512):
+        assert model.compute_time(head, 4, new, 512) == pytest.approx(h1 + 3 / 255 * (h256 - h1))
+    # beyond the largest timed batch, the time per sequence is the measured one
+    assert model.compute_time(head, 1024, 512, 512) == pytest.approx(4 * h256)
+
+
+def test_a_decode_step_between_timed_batches_is_not_thrown_by_a_noisy_matmul_rate():
+    # The matmul table read a product of 4 rows at a fifth of its neighbours' rate (noise
+    # at a few rows): the analytic time of a 4-sequence step is then more than a
+    # 16-sequence one's.  The estimate still rises with the batch, and at the timed
+    # batches it is the measured time.
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    model = with_matmul(calibration(), spec)
+    for table in model.cal.matmul.values():
+        table[1:1] = [[4, 2e9], [16, 5e10]]
+    mlp = 2
+    assert model.analytic_time(mlp, 4, 1, 512) > model.analytic_time(mlp, 16, 1, 512)
+    model.corrections = {"decode mlp": [[1, 3.0], [16, 2.0], [256, 1.5]]}
+    times = [model.compute_time(mlp, b, 1, TIMED_CONTEXT) for b in range(1, 300)]
+    assert all(a < b for a, b in zip(times, times[1:]))
+    for b, r in model.corrections["decode mlp"]:
+        assert times[b - 1] == pytest.approx(r * model.analytic_time(mlp, b, 1, TIMED_CONTEXT))
 
 
 def test_decoding_4bit_weights_and_cache_is_charged_to_each_compute():
@@ -257,14 +305,23 @@ def test_layer_corrections_cover_each_point_and_skip_a_slow_large_prefill(monkey
     import torch
 
     C, model = _quick_layer_timing(monkeypatch)
-    tokens = {b * n for b, n, _ in C.LAYER_POINTS.values()}
     got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
-    assert {k: [t for t, _ in v] for k, v in got.items() if k != "head"} == \
-        {k: sorted(tokens) for k in ("attn", "mlp", "embed")}
+    assert {k: [t for t, _ in v] for k, v in got.items()} == _tables_of_points(C)
     assert all(r > 0 for table in got.values() for _, r in table)
     monkeypatch.setattr(C, "LARGE_POINT_SECONDS", 0.0)
     got = C.measure_layers(model, torch.float32, False, torch.device("cpu"))
-    assert [t for t, _ in got["mlp"]] == sorted(tokens - {C.LAYER_POINTS["prefill-large"][0] * 512})
+    assert [t for t, _ in got["prefill mlp"]] == sorted(_tables_of_points(C)["prefill mlp"]
+                                                        [:-1])     # all but the 64 x 512 point
+
+
+def _tables_of_points(C) -> dict[str, list[int]]:
+    """The tables ``LAYER_POINTS`` make, each with its points' token counts: prefill and
+    decode apart; the head only decodes; the embedding's are the MLP's."""
+    tables: dict[str, set[int]] = {}
+    for batch, new, _ in C.LAYER_POINTS.values():
+        for kind in ("attn", "mlp", "embed") + (("head",) if new == 1 else ()):
+            tables.setdefault(C.correction_key(kind, new), set()).add(batch * new)
+    return {key: sorted(tokens) for key, tokens in tables.items()}
 
 
 def test_layer_rounds_are_interleaved_and_each_point_keeps_its_median(monkeypatch):
@@ -281,8 +338,8 @@ def test_layer_rounds_are_interleaved_and_each_point_keeps_its_median(monkeypatc
         clock[0] += 4.0                 # each round of a point takes 4 s of the fake clock
         return next(times)
 
-    steps = [C.TimedStep("mlp", 16, 2.0, lambda: calls.append("mlp")),
-             C.TimedStep("attn", 16, 10.0, lambda: calls.append("attn"))]
+    steps = [C.TimedStep("decode mlp", 16, 2.0, lambda: calls.append("mlp")),
+             C.TimedStep("decode attn", 16, 10.0, lambda: calls.append("attn"))]
     monkeypatch.setattr(C, "layer_steps", lambda *a: steps)
     monkeypatch.setattr(C, "time_round", one_round)
     monkeypatch.setattr(C, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
@@ -290,9 +347,9 @@ def test_layer_rounds_are_interleaved_and_each_point_keeps_its_median(monkeypatc
     monkeypatch.setattr(C, "LAYER_MIN_SPAN_SECONDS", 33.0)     # 3 rounds span 24 s: two more
     got = C.measure_layers(None, None, False, None)
     assert calls == ["mlp", "attn"] + ["mlp", "attn"] * 5      # warm-ups, then 5 interleaved rounds
-    assert got["mlp"] == [[16, 3.0 / 2.0]]                      # median of 1, 5, 2, 9, 3
-    assert got["attn"] == [[16, 30.0 / 10.0]]                   # median of 10, 50, 20, 90, 30
-    assert got["embed"] == got["mlp"]
+    assert got["decode mlp"] == [[16, 3.0 / 2.0]]               # median of 1, 5, 2, 9, 3
+    assert got["decode attn"] == [[16, 30.0 / 10.0]]            # median of 10, 50, 20, 90, 30
+    assert got["decode embed"] == got["decode mlp"] and "prefill embed" not in got
     monkeypatch.setattr(C, "LAYER_MAX_ROUNDS", 4)               # the span is cut short by the cap
     calls.clear()
     times = iter([1.0] * 8)
@@ -331,7 +388,7 @@ def test_a_tight_run_is_timed_with_the_tight_corrections():
     # its layers are slower, and the model times them with what was measured so
     spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
     model = with_matmul(calibration(), spec)
-    model.corrections = {"mlp": [[16, 1.0], [8192, 1.0]]}
+    model.corrections = {"prefill mlp": [[16, 1.0], [8192, 1.0]]}
     policy = Policy(8, 1, Split(0, 100), Split(0, 100), Split(0, 100))
     assert model.for_policy(policy, tight=True).compute_time(2, 8, 512, 512) == \
         model.compute_time(2, 8, 512, 512)                        # no tight measurement: the plain ones
@@ -339,7 +396,7 @@ def test_a_tight_run_is_timed_with_the_tight_corrections():
 
     def tight():
         asked.append(1)
-        return {"mlp": [[16, 3.0], [8192, 3.0]]}
+        return {"prefill mlp": [[16, 3.0], [8192, 3.0]]}
 
     model.tight_corrections = tight
     roomy = model.for_policy(policy).compute_time(2, 8, 512, 512)
@@ -366,9 +423,9 @@ def test_the_search_times_tight_candidates_with_the_tight_corrections():
     estimates = []
     for factor in (1.0, 3.0):
         model = with_matmul(calibration(), spec)
-        model.corrections = {k: [[16, 1.0], [8192, 1.0]] for k in ("attn", "mlp", "head", "embed")}
-        model.tight_corrections = lambda f=factor: {k: [[16, f], [8192, f]] for k in ("attn", "mlp", "head",
-                                                                                       "embed")}
+        tables = [f"{phase} {kind}" for phase in ("prefill", "decode") for kind in ("attn", "mlp", "head", "embed")]
+        model.corrections = {k: [[16, 1.0], [8192, 1.0]] for k in tables}
+        model.tight_corrections = lambda f=factor: {k: [[16, f], [8192, f]] for k in tables}
         best = search_policy(spec, wl, hw, Knobs(gpu_batch_size=8, num_gpu_batches=2), model)[0]
         estimates.append(best.estimate.block_seconds)
     # OPT-1.3B's 2.6 GB cannot fit in half of 3 GiB: every candidate runs tight
@@ -383,9 +440,7 @@ def test_tight_layer_corrections_are_measured_in_a_child_under_the_tight_allocat
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     got = C.measure_layers_tight(model, torch.float32, False)
     assert got["huge_pages"] == "0" and got["threshold_fixed"] is True
-    tokens = {b * n for b, n, _ in C.LAYER_POINTS.values()}
-    assert {k: [t for t, _ in v] for k, v in got["corrections"].items() if k != "head"} == \
-        {k: sorted(tokens) for k in ("attn", "mlp", "embed")}
+    assert {k: [t for t, _ in v] for k, v in got["corrections"].items()} == _tables_of_points(C)
     assert all(r > 0 for table in got["corrections"].values() for _, r in table)
 
 

@@ -78,14 +78,13 @@ def main() -> None:
             runs[scheme].append(C._in_thread(calibrate_once, model, dtype, scheme))
             print(json.dumps({"repeat": i, "scheme": scheme, "seconds": round(time.perf_counter() - start, 1)}),
                   flush=True)
-    head_prefill = C.LAYER_POINTS["prefill"][0] * C.LAYER_POINTS["prefill"][1]     # a copy of its decode ratio
-    points = sorted({(kind, tokens) for table in runs["interleaved"] for kind, rows in table.items()
-                     if kind != "embed" for tokens, _ in rows if (kind, tokens) != ("head", head_prefill)})
+    points = sorted({(key, tokens) for table in runs["interleaved"] for key, rows in table.items()
+                     if not key.endswith("embed") for tokens, _ in rows})      # (the embedding's is the MLP's)
     result = {"model": spec.name, "dtype": name, "repeats": args.repeats, "points": []}
-    for kind, tokens in points:
-        row = {"kind": kind, "tokens": tokens}
+    for key, tokens in points:
+        row = {"kind": key, "tokens": tokens}
         for scheme, tables in runs.items():
-            row[scheme] = spread([dict((int(t), r) for t, r in table[kind])[tokens] for table in tables])
+            row[scheme] = spread([dict((int(t), r) for t, r in table[key])[tokens] for table in tables])
         result["points"].append(row)
     result["mean spread"] = {scheme: statistics.fmean(p[scheme]["spread"] for p in result["points"])
                              for scheme in SCHEMES}

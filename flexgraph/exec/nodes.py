@@ -74,7 +74,7 @@ class StepInputs:
     key_valid: torch.Tensor     # [B, slot + new] bool
     cos: torch.Tensor | None    # [B, new, D]
     sin: torch.Tensor | None
-    mask: torch.Tensor          # [B, 1, new, slot + new] attention mask
+    mask: L.Mask                # which keys each new token sees (a [B, 1, new, slot + new] bool tensor, or none)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Callable
 
 import networkx as nx
 
-from flexgraph.calibrate import Calibration, _interp
+from flexgraph.calibrate import TIMED_CONTEXT, Calibration, _interp, correction_key
 from flexgraph.compress.quant import should_compress
 from flexgraph.graph.builder import COMPUTE, part_of
 from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
@@ -101,9 +101,11 @@ class CostModel:
 
     ``corrections`` (from :func:`flexgraph.calibrate.measure_layers`) scale the analytic
     compute time of each layer kind by what running that kind's real maths measured —
-    at a small and a large decode batch and a prefill, interpolated in log(tokens) —
-    so element-wise chains, weights streamed from memory rather than cache, and the
-    kernels' real efficiency are in the estimate.  ``tight_corrections``, where set, gives
+    at decode batches and prefills of several sizes, a table per phase and kind
+    (:func:`flexgraph.calibrate.correction_key`) — so element-wise chains, weights
+    streamed from memory rather than cache, and the kernels' real efficiency are in the
+    estimate.  A prefill's ratio is interpolated in log(tokens); a decode step takes the
+    measured times, linear in the batch (:meth:`_timed_decode`).  ``tight_corrections``, where set, gives
     the ones measured under the allocator a CPU run under a tight cap computes with (no
     huge pages, glibc's mmap threshold fixed: its large intermediates are faulted in
     afresh every time); :meth:`for_policy` with ``tight`` uses them.
@@ -209,9 +211,12 @@ class CostModel:
         got = self._compute_cache.get(key)
         if got is not None:
             return got
-        table = self.corrections.get(kind)
-        largest = int(table[-1][0]) if table else 0
-        if batch > 1 and largest and batch * new > largest:
+        rows = 1 if kind == HEAD else new         # the head multiplies each sequence's last position only
+        table = self.corrections.get(correction_key(kind, rows))
+        largest = int(table[-1][0]) if table else 0       # tokens
+        if table and rows == 1:
+            t = self._timed_decode(j, batch, new, context, table)
+        elif table and batch > 1 and batch * new > largest:
             # Beyond the largest point a layer was timed at, its measured time per sequence
             # (a layer's work is linear in the batch; runs of SmolLM2 prefill had the same
             # per-token rate at 32, 128 and 256 sequences): the matmul table's rates at sizes
@@ -226,6 +231,28 @@ class CostModel:
         t += self.decode_time(j, batch, new, context) + self.cast_time(j, batch, new, context)
         self._compute_cache[key] = t
         return t
+
+    def _timed_decode(self, j: int, batch: int, new: int, context: int, table: list[list[float]]) -> float:
+        """A decode step (or the head) of ``batch`` sequences: the times measured at the
+        timed batches, linear in the batch between them (a step reads the weights once
+        and does per-sequence work, so its time is affine in the batch) and per sequence
+        beyond the largest; scaled to ``context`` by the analytic time at this batch.
+
+        Not the analytic time times an interpolated ratio: at a few rows the matmul
+        table's rates are noisy (a 576 x 1536 product read 24 GFLOP/s at M 4 in one
+        calibration, 44 in a re-timing), so the analytic time is not even monotone in the
+        batch (SmolLM2's MLP: 0.77 ms at 4 sequences, 0.69 at 8), and a ratio measured at
+        1 and 16 sequences put 4 sequences' decode at 1.6-3x its measured time."""
+        times = [(b, r * self.analytic_time(j, int(b), 1, TIMED_CONTEXT)) for b, r in table]
+        (b0, t0), (b_last, t_last) = times[0], times[-1]
+        if batch >= b_last:
+            t = t_last * batch / b_last
+        elif batch <= b0:
+            t = t0
+        else:
+            (lo, t_lo), (hi, t_hi) = next((p, q) for p, q in zip(times, times[1:]) if batch <= q[0])
+            t = t_lo + (batch - lo) / (hi - lo) * (t_hi - t_lo)
+        return t * self.analytic_time(j, batch, new, context) / self.analytic_time(j, batch, 1, TIMED_CONTEXT)
 
     def io_cpu_time(self, attrs: dict) -> float:
         """Compute seconds a node's disk transfers take from a CPU compute device."""
