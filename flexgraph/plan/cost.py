@@ -105,10 +105,10 @@ class CostModel:
     (:func:`flexgraph.calibrate.correction_key`) — so element-wise chains, weights
     streamed from memory rather than cache, and the kernels' real efficiency are in the
     estimate.  A prefill's ratio is interpolated in log(tokens); a decode step takes the
-    measured times, linear in the batch (:meth:`_timed_decode`).  ``tight_corrections``, where set, gives
-    the ones measured under the allocator a CPU run under a tight cap computes with (no
-    huge pages, glibc's mmap threshold fixed: its large intermediates are faulted in
-    afresh every time); :meth:`for_policy` with ``tight`` uses them.
+    measured times, linear in the batch (:meth:`_timed_decode`).  ``tight_corrections``,
+    where set, gives the ones measured under the allocator a CPU run under a tight cap
+    computes with (no huge pages, glibc's mmap threshold fixed: its large intermediates
+    are faulted in afresh every time); :meth:`for_policy` with ``tight`` uses them.
     """
 
     def __init__(self, spec: ModelSpec, cal: Calibration, itemsize: int,
