@@ -126,3 +126,17 @@ def with_allocations(fn):
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
     return result, [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+
+
+def with_peak_allocated(fn):
+    """``(fn(), peak)``: its result and the most bytes the ops' CPU allocations held at
+    once while it ran (each op's own allocations less its frees, in the order the ops
+    started; what it returns included)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return result, peak

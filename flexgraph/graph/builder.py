@@ -82,7 +82,8 @@ import networkx as nx
 
 from flexgraph.compress.quant import CACHE_GROUP_DIM, GROUP_SIZE, compressed_nbytes, num_groups, should_compress
 from flexgraph.errors import PlanError
-from flexgraph.models.spec import ATTN, EMBED, HEAD, ModelSpec
+from flexgraph.models.forward import chunk_sequences
+from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
 from flexgraph.plan.policy import TIERS, Policy, policy_weight_placement, split_rows
 
 LOAD_WEIGHT, LOAD_CACHE, LOAD_HIDDEN = "load_weight", "load_cache", "load_hidden"
@@ -208,18 +209,33 @@ def hidden_bytes(spec: ModelSpec, j: int, rows: int, new_tokens: int, itemsize: 
     return rows * new_tokens * spec.hidden_size * itemsize
 
 
-def workspace_bytes(spec: ModelSpec, j: int, batch: int, new_tokens: int, context: int, itemsize: int) -> int:
+def workspace_bytes(spec: ModelSpec, j: int, batch: int, new_tokens: int, context: int, itemsize: int,
+                    on_cpu: bool = False) -> int:
     """Upper bound of the temporary tensors a compute allocates (freed when it ends).
 
     Attention: the normalised input (float32 and working dtype), q, k, v, the output and
     the attention mask, plus contiguous copies of the keys and values it reads (the
     fused kernel may make them) and the kernel's per-thread blocks.  MLP: the
-    intermediate activations.  Head: normalised states and float32 logits.
+    intermediate activations — one ``[B, s, ffn]`` tensor per product into the
+    intermediate size (the activation works in place), and one spare for a kernel that
+    does not.  Embedding: Llama's looks up into its output; OPT's adds two lookups (after
+    projecting the first).  Head: normalised states and float32 logits.
+
+    A CPU prefill of many tokens computes its attention and MLP a few sequences at a time
+    into the one output (:func:`flexgraph.models.forward.chunk_sequences`): one chunk's
+    temporaries, the chunk's result before it is copied in, and the whole batch's mask.
+    Counted for the whole batch, SmolLM2's MLP over 32 x 512 tokens was planned at
+    415 MB and peaked at 88 MB; at 256 x 512 it put the plan's host peak at 10.7 GB where
+    the run holds 7.8, and a tight cap's plans are sized by these counts.
     """
     kind = spec.layer(j).kind
+    per_chunk = chunk_sequences(batch, new_tokens) if on_cpu and kind in (ATTN, MLP) else None
+    if per_chunk is not None:
+        return (workspace_bytes(spec, j, per_chunk, new_tokens, context, itemsize)
+                + hidden_bytes(spec, j, per_chunk, new_tokens, itemsize) + batch * new_tokens * context)
     h, s = spec.hidden_size, new_tokens
-    if kind == EMBED:
-        return batch * s * max(spec.embed_dim, h) * itemsize * 2
+    if kind == EMBED:                   # a lookup into the output; OPT's two summed, the first projected
+        return 0 if spec.family == "llama" else batch * s * max(spec.embed_dim, h) * itemsize * 2
     if kind == HEAD:
         return batch * (h * (itemsize + 4) + spec.vocab_size * 4 * 2)
     norm = batch * s * h * (4 + itemsize)
@@ -228,7 +244,8 @@ def workspace_bytes(spec: ModelSpec, j: int, batch: int, new_tokens: int, contex
         mask = batch * s * context
         kv_copies = 2 * batch * spec.kv_size * context * itemsize
         return norm + proj + mask + kv_copies + KERNEL_BLOCKS
-    return norm + batch * s * spec.intermediate_size * itemsize * 3
+    ffn_tensors = (2 if spec.family == "llama" else 1) + 1         # gate and up, or fc1; plus the spare
+    return norm + batch * s * spec.intermediate_size * itemsize * ffn_tensors
 
 
 # A matrix kept compressed or narrower is decoded for a product a chunk of rows at a time
@@ -478,7 +495,7 @@ def build_graph(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu_tie
                              frees=[("Hh", i, j - 1, k), ("Hk", i, j - 1, k)])
                     g.add_edge((STORE_HIDDEN, i, j - 1, k), lh, rule=3)
                     g.add_edge(lh, c, rule=2)
-                ws = {ct: workspace_bytes(spec, j, gbs, s, context, e)}
+                ws = {ct: workspace_bytes(spec, j, gbs, s, context, e, on_cpu=ct == "cpu")}
                 moves = []
                 if policy.compress_weight:
                     ws[ct] += weight_decode_bytes(spec, j, e, gbs * s)

@@ -183,11 +183,16 @@ PREFILL_CHUNK_TOKENS = 4096
 
 def prefill_chunk(x: torch.Tensor) -> int | None:
     """Sequences per chunk for a layer's input ``x: [B, s, H]``, or None to compute it whole."""
-    b, s = x.shape[0], x.shape[1]
-    if x.device.type != "cpu" or s == 1 or b * s <= PREFILL_CHUNK_TOKENS:
+    return chunk_sequences(x.shape[0], x.shape[1]) if x.device.type == "cpu" else None
+
+
+def chunk_sequences(batch: int, new_tokens: int) -> int | None:
+    """Sequences per chunk of a CPU compute of ``batch`` sequences of ``new_tokens`` each,
+    or None where it is computed whole (also what the planner counts its temporaries by)."""
+    if new_tokens == 1 or batch * new_tokens <= PREFILL_CHUNK_TOKENS:
         return None
-    per_chunk = max(1, PREFILL_CHUNK_TOKENS // s)
-    return None if per_chunk >= b else per_chunk
+    per_chunk = max(1, PREFILL_CHUNK_TOKENS // new_tokens)
+    return None if per_chunk >= batch else per_chunk
 
 
 def segments_of(segments, total_rows: int, r0: int, r1: int) -> list:
