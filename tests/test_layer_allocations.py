@@ -110,8 +110,8 @@ def test_the_planner_counts_at_least_what_a_prefill_compute_allocates(monkeypatc
 @pytest.mark.parametrize("name", ["opt", "llama2-mha"])
 def test_a_chunked_prefill_mlp_is_counted_by_its_chunk_not_its_batch(monkeypatch, name):
     """Counted as if whole, a CPU prefill of many sequences was planned at 4-5x what it
-    allocates (SmolLM2's MLP at 32 x 512: 415 MB planned, 88 MB measured), which pushed
-    plans past the share of the cap that runs with huge pages (``flexgraph.hugepages``)."""
+    allocates (SmolLM2's MLP at 32 x 512: 415 MB planned, 88 MB measured): plans under a
+    tight cap were sized by memory they never used, and ran with smaller batches."""
     monkeypatch.setattr(forward, "PREFILL_CHUNK_TOKENS", CHUNK * S)
     batch = 8 * CHUNK
     spec, j, compute = _compute(name, MLP, batch)
