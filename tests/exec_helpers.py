@@ -118,25 +118,29 @@ def record_row_major_keys(monkeypatch) -> list[bool]:
     return seen
 
 
+def _profiled(fn):
+    """``(fn(), events)``: its result and the profiler's CPU events, memory included."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    return result, prof.events()
+
+
 def with_allocations(fn):
     """``(fn(), sizes)``: its result and the sizes (bytes) of the CPU allocations the ops
     themselves make while it runs (each op's own, not its children's, so one allocation
     is counted once)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    return result, [e.self_cpu_memory_usage for e in prof.events() if e.self_cpu_memory_usage > 0]
+    result, events = _profiled(fn)
+    return result, [e.self_cpu_memory_usage for e in events if e.self_cpu_memory_usage > 0]
 
 
 def with_peak_allocated(fn):
     """``(fn(), peak)``: its result and the most bytes the ops' CPU allocations held at
     once while it ran (each op's own allocations less its frees, in the order the ops
     started; what it returns included)."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
+    result, events = _profiled(fn)
     live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+    for event in sorted(events, key=lambda e: e.time_range.start):
         live += event.self_cpu_memory_usage
         peak = max(peak, live)
     return result, peak

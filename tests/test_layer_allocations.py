@@ -23,12 +23,17 @@ from hf_tiny import tiny_model
 B, S = 3, 100                   # a prefill's products: more rows than L.SKINNY_ROWS
 
 
-def _mlp_case(name: str):
+def _layer(name: str, kind: str):
+    """The tiny ``name`` model's spec, and the index and weights of its first ``kind`` layer."""
     model = tiny_model(name)
     spec = ModelSpec.from_hf_config(model.config.to_dict())
     state = model.state_dict()
-    j = next(j for j in range(spec.num_layers) if spec.layer(j).kind == MLP)
-    w = layer_weights(spec, j, lambda n: state[n])
+    j = next(j for j in range(spec.num_layers) if spec.layer(j).kind == kind)
+    return spec, j, layer_weights(spec, j, lambda n: state[n])
+
+
+def _mlp_case(name: str):
+    spec, _j, w = _layer(name, MLP)
     return spec, w, torch.randn(B, S, spec.hidden_size)
 
 
@@ -74,20 +79,25 @@ def test_attention_residual_adds_into_the_output_and_leaves_the_input():
 CHUNK = 4                       # sequences per chunk of a CPU prefill in these tests
 
 
-def _compute(name: str, kind: str, batch: int):
-    """A call computing one ``kind`` layer of the tiny ``name`` model over a ``batch`` x S
-    prefill on the CPU, with its layer index and spec."""
-    model = tiny_model(name)
-    spec = ModelSpec.from_hf_config(model.config.to_dict())
-    state = model.state_dict()
-    j = next(j for j in range(spec.num_layers) if spec.layer(j).kind == kind)
-    w = layer_weights(spec, j, lambda n: state[n])
+def _peak_and_planned(name: str, kind: str, batch: int) -> tuple[int, int]:
+    """What computing one ``kind`` layer of the tiny ``name`` model over a ``batch`` x S
+    prefill on the CPU allocates at once, and what the planner counts for it (its output
+    plus ``workspace_bytes``)."""
+    spec, j, w = _layer(name, kind)
     x = torch.randint(0, spec.vocab_size, (batch, S)) if kind == EMBED else torch.randn(batch, S, spec.hidden_size)
     st = SequenceState.for_prompt(torch.ones(batch, S, dtype=torch.bool), S + 1)
     cache = KVCache(batch * spec.num_kv_heads, S + 1, spec.head_dim, torch.float32)
     inv_freq = L.rope_inv_freq(spec) if spec.family == "llama" else None
     segments = cache.segments() if kind == ATTN else None
-    return spec, j, lambda: compute_layer(spec, j, w, x, st, segments, inv_freq)
+
+    def compute():
+        return compute_layer(spec, j, w, x, st, segments, inv_freq)
+
+    compute()                                                   # warm-up: lazily built state
+    with torch.inference_mode():
+        _out, peak = with_peak_allocated(compute)
+    planned = hidden_bytes(spec, j, batch, S, 4) + workspace_bytes(spec, j, batch, S, S, 4, on_cpu=True)
+    return peak, planned
 
 
 @pytest.mark.parametrize("name", ["opt", "llama2-mha"])
@@ -97,11 +107,7 @@ def test_the_planner_counts_at_least_what_a_prefill_compute_allocates(monkeypatc
     """A run under a tight cap is planned by these counts: the output plus the compute's
     temporaries (``workspace_bytes``) must hold what the layer maths allocates at once."""
     monkeypatch.setattr(forward, "PREFILL_CHUNK_TOKENS", CHUNK * S)
-    spec, j, compute = _compute(name, kind, batch)
-    compute()                                                   # warm-up: lazily built state
-    with torch.inference_mode():
-        _out, peak = with_peak_allocated(compute)
-    planned = hidden_bytes(spec, j, batch, S, 4) + workspace_bytes(spec, j, batch, S, S, 4, on_cpu=True)
+    peak, planned = _peak_and_planned(name, kind, batch)
     if kind == ATTN:            # the fused kernel's blocks are made and freed inside one op: unseen here
         planned -= KERNEL_BLOCKS
     assert 0 < peak <= planned
@@ -114,10 +120,7 @@ def test_a_chunked_prefill_mlp_is_counted_by_its_chunk_not_its_batch(monkeypatch
     tight cap were sized by memory they never used, and ran with smaller batches."""
     monkeypatch.setattr(forward, "PREFILL_CHUNK_TOKENS", CHUNK * S)
     batch = 8 * CHUNK
-    spec, j, compute = _compute(name, MLP, batch)
-    compute()
-    with torch.inference_mode():
-        _out, peak = with_peak_allocated(compute)
-    planned = hidden_bytes(spec, j, batch, S, 4) + workspace_bytes(spec, j, batch, S, S, 4, on_cpu=True)
+    peak, planned = _peak_and_planned(name, MLP, batch)
     assert planned <= 2 * peak
+    spec, j, _w = _layer(name, MLP)
     assert workspace_bytes(spec, j, batch, S, S, 4, on_cpu=False) > 2 * peak      # counted whole: the old way
