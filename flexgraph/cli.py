@@ -210,10 +210,11 @@ def cmd_execute(args: argparse.Namespace) -> int:
     from flexgraph.weights.resolve import ModelRef, materialize
 
     plan = load_plan(args.plan)
-    huge = hugepages.choose(plan.residency["peak"]["cpu"], plan.residency["capacity"]["cpu"])
+    host = {k: plan.residency[k]["cpu"] for k in ("peak", "home", "capacity")}
+    huge = hugepages.choose(host["peak"], host["home"], host["capacity"])
     fixed = not huge and malloc_threshold.fix()          # tight: stop malloc's arenas hoarding
-    get_logger("flexgraph.execute").info("huge_pages", on=huge, planned_peak=plan.residency["peak"]["cpu"],
-                                         capacity=plan.residency["capacity"]["cpu"], malloc_threshold_fixed=fixed)
+    get_logger("flexgraph.execute").info("huge_pages", on=huge, planned_peak=host["peak"], planned_home=host["home"],
+                                         capacity=host["capacity"], malloc_threshold_fixed=fixed)
     ref = ModelRef.from_json(plan.model)
     # dummy weights are made in the dtype the plan keeps them in (read in place, not converted)
     store = materialize(ref, dtype=plan.policy.store_torch_dtype if ref.dummy else None)

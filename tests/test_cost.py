@@ -407,16 +407,19 @@ def test_a_tight_run_is_timed_with_the_tight_corrections():
     assert asked == [1]                                             # measured once, when first needed
 
 
-def test_a_plan_is_tight_when_its_peak_leaves_no_room_for_huge_pages():
-    from flexgraph.hugepages import ROOMY
+def test_a_plan_is_tight_when_its_working_set_leaves_no_room_for_huge_pages():
+    from flexgraph.hugepages import EXTRA
     from flexgraph.plan.planner import runs_tight
     cap = {"gpu": None, "cpu": 1000, "disk": None}
-    assert not runs_tight(int(ROOMY * 1000), cap)
-    assert runs_tight(int(ROOMY * 1000) + 1, cap)
-    assert runs_tight(1, {**cap, "cpu": None})                    # execute cannot know: no huge pages
+    home, work = 600, int(400 / (1 + EXTRA))                      # the peak plus EXTRA x the working set: 1000
+    assert not runs_tight(home + work, home, cap)
+    assert runs_tight(home + work + 1, home, cap)
+    assert runs_tight(1, 0, {**cap, "cpu": None})                 # execute cannot know: no huge pages
 
 
-def test_the_search_times_tight_candidates_with_the_tight_corrections():
+def test_the_search_times_tight_candidates_with_the_tight_corrections(monkeypatch):
+    from flexgraph import hugepages
+    monkeypatch.setattr(hugepages, "EXTRA", 1e6)                 # no room for huge pages: every candidate runs tight
     spec = ModelSpec.from_hf_config(builtin_config("opt-1.3b"))
     wl = Workload(16, 128, 8)
     hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 3 << 30, "disk_mem": 1 << 40}
@@ -428,8 +431,25 @@ def test_the_search_times_tight_candidates_with_the_tight_corrections():
         model.tight_corrections = lambda f=factor: {k: [[16, f], [8192, f]] for k in tables}
         best = search_policy(spec, wl, hw, Knobs(gpu_batch_size=8, num_gpu_batches=2), model)[0]
         estimates.append(best.estimate.block_seconds)
-    # OPT-1.3B's 2.6 GB cannot fit in half of 3 GiB: every candidate runs tight
     assert estimates[1] > 1.5 * estimates[0]
+
+
+def test_the_search_times_roomy_candidates_with_the_roomy_corrections():
+    """OPT-125M in RAM, 64 x 512 under 6 GiB: its peak (3.6 GB) is over half the cap, most
+    of it KV cache, but its working set (0.4 GB) leaves room for huge pages: the search
+    times it with the roomy corrections, as `flexgraph execute` will run it."""
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    wl = Workload(64, 512, 32)
+    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 6 << 30, "disk_mem": 1 << 40}
+    model = with_matmul(calibration(), spec)
+    tables = [f"{phase} {kind}" for phase in ("prefill", "decode") for kind in ("attn", "mlp", "head", "embed")]
+    model.corrections = {k: [[16, 1.0], [8192, 1.0]] for k in tables}
+    asked = []
+    model.tight_corrections = lambda: asked.append(1) or {k: [[16, 3.0], [8192, 3.0]] for k in tables}
+    best = search_policy(spec, wl, hw, Knobs(gpu_batch_size=64, num_gpu_batches=1, percent=(0, 100, 0, 100, 0, 100)),
+                         model)[0]
+    homes = (best.policy.weights, best.policy.cache)
+    assert homes == (Split(0, 100), Split(0, 100)) and asked == []
 
 
 def test_tight_layer_corrections_are_measured_in_a_child_under_the_tight_allocator(monkeypatch):

@@ -13,19 +13,26 @@ from flexgraph import hugepages, malloc_threshold
 from test_exec_errors import model, plan, write_prompts  # noqa: F401  (the module-scoped tiny store)
 
 
-@pytest.mark.parametrize("peak, capacity, on", [(1, 100, True), (50, 100, True), (51, 100, False),
-                                                (1, None, False)])
-def test_on_only_where_the_peak_leaves_room(monkeypatch, peak, capacity, on):
+@pytest.mark.parametrize("peak, home, capacity, on", [
+    (1, 0, 100, True),
+    (50, 0, 100, True),                 # the working set, held again, just fits
+    (51, 0, 100, False),
+    (80, 70, 100, True),                # large homes cost nothing extra: what counts is the working set
+    (90, 70, 100, False),
+    (1, 0, None, False),                # capacity unknown: no room can be promised
+])
+def test_on_only_where_the_working_set_leaves_room(monkeypatch, peak, home, capacity, on):
     monkeypatch.delenv(hugepages.ENV, raising=False)
-    assert hugepages.choose(peak, capacity) is on
+    monkeypatch.setattr(hugepages, "EXTRA", 1.0)
+    assert hugepages.choose(peak, home, capacity) is on
     assert os.environ[hugepages.ENV] == ("1" if on else "0")
 
 
 def test_the_users_setting_wins(monkeypatch):
     monkeypatch.setenv(hugepages.ENV, "0")
-    assert hugepages.choose(1, 100) is False
+    assert hugepages.choose(1, 0, 100) is False
     monkeypatch.setenv(hugepages.ENV, "1")
-    assert hugepages.choose(99, 100) is True
+    assert hugepages.choose(99, 0, 100) is True
 
 
 def _execute_choice(plan_path, prompts, out, env) -> dict:

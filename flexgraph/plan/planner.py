@@ -75,12 +75,13 @@ def weights_read_in_place(hardware: dict, policy: Policy) -> bool:
     return bool(kept) and not policy.compress_weight and kept in ("*", policy.storage_dtype or policy.dtype)
 
 
-def runs_tight(host_peak: int, cap: dict) -> bool:
+def runs_tight(host_peak: int, host_home: int, cap: dict) -> bool:
     """Whether ``flexgraph execute`` runs a plan peaking at ``host_peak`` bytes of host
-    memory with the tight-cap allocator (no huge pages, a fixed mmap threshold), which
-    makes its layer maths slower: the cost model must time it so."""
+    memory, ``host_home`` of them its static homes, with the tight-cap allocator (no huge
+    pages, a fixed mmap threshold), which makes its layer maths slower: the cost model
+    must time it so."""
     from flexgraph.hugepages import roomy
-    return not roomy(host_peak, cap["cpu"])
+    return not roomy(host_peak, host_home, cap["cpu"])
 
 
 def default_dtype(device: str, recalibrate: bool = False) -> str:
@@ -320,7 +321,7 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
                                                                  "--storage-dtype to choose)"))
     estimate = {}
     if cost_model is not None:
-        tight = runs_tight(checked.peak["cpu"], capacities(hardware))
+        tight = runs_tight(checked.peak["cpu"], checked.home_bytes["cpu"], capacities(hardware))
         estimate = plan_estimate(graph, checked, cost_model.for_policy(policy, tight), workload, policy)
     chosen = {"by": "user" if complete else ("search" if candidates else "auto"), "notes": notes}
     if candidates:

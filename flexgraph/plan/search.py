@@ -245,8 +245,8 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
         try:
             if knobs.percent is None and knobs.weights is None:
                 cand.policy = _fit_weights(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch, in_place)
-            host = _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch, in_place)
-            tight = runs_tight(host, cap)
+            host_peak, host_home = _check_fits(spec, workload, cand.policy, has_gpu, cap, knobs.prefetch, in_place)
+            tight = runs_tight(host_peak, host_home, cap)
             cand.estimate = _estimate(spec, workload, cand.policy, has_gpu, cap,
                                       model.for_policy(cand.policy, tight), knobs.prefetch, overlap)
         except RuleViolation as e:
@@ -281,9 +281,10 @@ def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs:
 
 
 def _needs(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, prefetch: bool,
-           in_place: bool) -> dict[str, int]:
-    """Per tier, the bytes its homes and working set take."""
-    homes = _home_bytes(spec, workload, policy, has_gpu, in_place)
+           in_place: bool, homes: dict[str, int] | None = None) -> dict[str, int]:
+    """Per tier, the bytes its homes (``homes``, where already known) and working set take."""
+    if homes is None:
+        homes = _home_bytes(spec, workload, policy, has_gpu, in_place)
     work = working_set(spec, workload, policy, has_gpu, prefetch)
     return {t: homes[t] + work[t] for t in TIERS}
 
@@ -298,14 +299,16 @@ def _overshoot(needs: dict[str, int], cap: dict) -> tuple[str, int, int] | None:
 
 
 def _check_fits(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
-                prefetch: bool, in_place: bool) -> int:
-    """Raise where a tier cannot hold the plan; else the host memory it needs."""
-    needs = _needs(spec, workload, policy, has_gpu, prefetch, in_place)
+                prefetch: bool, in_place: bool) -> tuple[int, int]:
+    """Raise where a tier cannot hold the plan; else the host memory it needs, and how much
+    of that its homes take."""
+    homes = _home_bytes(spec, workload, policy, has_gpu, in_place)
+    needs = _needs(spec, workload, policy, has_gpu, prefetch, in_place, homes)
     over = _overshoot(needs, cap)
     if over is not None:
         t, need, _ = over
         raise RuleViolation(4, "the plan", f"needs {need} bytes on {t}", tier=t, needed=need, capacity=cap[t])
-    return needs["cpu"]
+    return needs["cpu"], homes["cpu"]
 
 
 def _fit_weights(spec: ModelSpec, workload: Workload, policy: Policy, has_gpu: bool, cap: dict,
