@@ -263,3 +263,49 @@ def test_a_chunked_product_writes_each_chunk_into_the_output(monkeypatch, with_b
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     chunk_out = 3 * 100 * 64 * 4
     assert sizes.count(got.numel() * 4) == 1 and chunk_out not in sizes, sorted(sizes)
+
+
+# ---- a dummy's store must fit the disk it is written to ------------------------------------------
+def _free_disk(monkeypatch, free: int) -> None:
+    import collections
+    import flexgraph.weights.dummy as dummy
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(dummy.shutil, "disk_usage", lambda path: usage(free, 0, free))
+
+
+def test_the_search_weighs_no_store_dtype_the_disk_cannot_hold(tmp_path, monkeypatch):
+    """A dummy's store is written in the dtype the plan keeps: OPT-6.7B's float32 one
+    (27 GB) was chosen on a disk with 18 GB free, and writing it failed with ENOSPC."""
+    from flexgraph.models.sampling import SamplingParams
+    from flexgraph.plan.planner import make_plan
+    from flexgraph.weights.dummy import dummy_bytes
+    from flexgraph.weights.resolve import resolve_model
+    monkeypatch.setenv("FLEXGRAPH_CACHE", str(tmp_path / "cache"))      # no store written yet
+    ref = resolve_model("opt-1.3b", dummy=True)
+    wl = Workload(16, 128, 8)
+    hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 64 << 30, "disk_mem": 1 << 40}
+
+    def plan():   # all in RAM and converting slowly: the search keeps float32 where it can
+        return make_plan(ref, wl, SamplingParams(), hw, Knobs(dtype="float32"), _model(ref.spec, cast=0.5 * GB))
+
+    assert plan().policy.storage_dtype is None
+    _free_disk(monkeypatch, dummy_bytes(ref.spec, torch.bfloat16) + 1)   # room for bfloat16 only
+    p = plan()
+    assert p.policy.storage_dtype == "bfloat16" and p.hardware["unwritable_stores"].keys() == {"float32"}
+    assert any(n.startswith("float32 storage not weighed: the dummy opt-1.3b store in float32 needs")
+               for n in p.chosen["notes"])
+    _free_disk(monkeypatch, dummy_bytes(ref.spec, torch.bfloat16) - 1)   # room for neither
+    with pytest.raises(PlanError, match=r"store in bfloat16 needs .* free: free space there"):
+        plan()
+
+
+def test_writing_a_dummy_store_the_disk_cannot_hold_fails_before_writing(tmp_path, monkeypatch):
+    from flexgraph.errors import ModelError
+    from flexgraph.weights.dummy import dummy_bytes, write_dummy
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    _free_disk(monkeypatch, dummy_bytes(spec, torch.float32) - 1)
+    with pytest.raises(ModelError, match=r"^the dummy \S*opt-125m store in float32 needs .*--storage-dtype bfloat16\)$"):
+        write_dummy(spec, tmp_path / "store", torch.float32, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    write_dummy(spec, tmp_path / "store", torch.bfloat16, progress=False)  # half the bytes: fits
+    assert (tmp_path / "store").is_dir()

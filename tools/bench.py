@@ -134,6 +134,7 @@ def materialize_planned(plan: dict) -> None:
 def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compress: bool,
                   timeout: float | None) -> Row:
     cg = _tool("cgroup_run")
+    from flexgraph.errors import FlexgraphError
     from flexgraph.sizes import parse_size
     cap = parse_size(sc.cap)
     plan = work / f"plan-{sc.name}{'-c4' if compress else ''}.json"
@@ -152,7 +153,10 @@ def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compr
     plan_seconds = time.perf_counter() - t0
     if planned.returncode != 0:
         return Row(sc.name, system, None, {"ok": False, "reason": _last_error(planned.stderr)})
-    materialize_planned(json.loads(plan.read_text()))
+    try:
+        materialize_planned(json.loads(plan.read_text()))
+    except FlexgraphError as e:            # e.g. no room on disk for the dummy store the plan reads
+        return Row(sc.name, system, None, {"ok": False, "reason": str(e)})
     ran = cg.run_capped(_flexgraph_cmd("execute", str(plan), "--metrics", str(metrics), "--show", "0"), cap,
                         capture_output=True, drop_caches=True, timeout=timeout)
     if ran.returncode != 0:

@@ -298,13 +298,16 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
     searched for the best estimated throughput and the plan carries its estimate;
     without one, the simple rule above fills them in.
     """
-    from flexgraph.weights.resolve import in_place_dtype
+    from flexgraph.weights.resolve import in_place_dtype, unwritable_stores
     spec: ModelSpec = model_ref.spec
     hardware = {**hardware, "weights_in_place": in_place_dtype(model_ref)}
     complete = knobs.percent is not None and knobs.gpu_batch_size is not None and knobs.num_gpu_batches is not None
     candidates = []
     if cost_model is not None and not complete:
         from flexgraph.plan.search import choose_by_search
+        unwritable = unwritable_stores(model_ref, ["float32", "bfloat16", "float16"])
+        if unwritable:          # only then: a plan does not depend on the free space it did not need
+            hardware["unwritable_stores"] = unwritable
         policy, graph, checked, notes, candidates = choose_by_search(spec, workload, hardware, knobs, cost_model)
     else:
         policy, graph, checked, notes = choose_policy(spec, workload, hardware, knobs)

@@ -208,10 +208,11 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
     has_gpu = cap["gpu"] is not None
     dtype = knobs.dtype or default_dtype(hardware.get("device", "cpu"))
     off = Split(0, 100) if has_gpu else Split(0, 0)
+    storages = writable_storage_choices(hardware, knobs, dtype)
     ranked: list[tuple[float, Policy]] = []
     for gbs, ngb in batch_shapes(workload, knobs):
         for schedule in ([knobs.schedule] if knobs.schedule else ["zigzag"] if ngb > 1 else ["row"]):
-            for storage in storage_choices(knobs, dtype):
+            for storage in storages:
                 base = Policy(gbs, ngb, off, off, off, schedule=schedule, dtype=dtype,
                               **{**policy_flags(knobs), "storage_dtype": storage})
                 if knobs.percent is not None:
@@ -260,6 +261,20 @@ def search_policy(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kn
     return valid[:top]
 
 
+def writable_storage_choices(hardware: dict, knobs: Knobs, dtype: str) -> list[str | None]:
+    """The storage dtypes to weigh, less those whose store cannot be written here
+    (``hardware["unwritable_stores"]``, dtype -> why: a dummy's store is generated in the
+    dtype the plan keeps, and OPT-6.7B's float32 one, 27 GB, does not fit a disk with
+    18 GB free).  PlanError when none is left."""
+    unwritable = hardware.get("unwritable_stores") or {}
+    choices = [s for s in storage_choices(knobs, dtype) if (s or dtype) not in unwritable]
+    if not choices:
+        why = "; ".join(unwritable.values())
+        raise PlanError(f"{why}: free space there, point FLEXGRAPH_CACHE at a larger disk, or store the "
+                        "weights in a smaller dtype (--storage-dtype bfloat16)")
+    return choices
+
+
 def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Knobs, model: CostModel):
     """The best candidate that passes the full check: (policy, graph, checked, notes, candidates)."""
     candidates = search_policy(spec, workload, hardware, knobs, model)
@@ -275,6 +290,7 @@ def choose_by_search(spec: ModelSpec, workload: Workload, hardware: dict, knobs:
             continue
         notes = [f"searched {len(candidates)} finalists by estimated throughput (cost model + FlexGen's LP "
                  "for placement)"]
+        notes += [f"{d} storage not weighed: {why}" for d, why in (hardware.get("unwritable_stores") or {}).items()]
         return cand.policy, graph, checked, notes, candidates
     raise PlanError(f"no searched policy passes the full check ({last}); give more memory or set the "
                     "policy by hand")

@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -34,9 +35,11 @@ from pathlib import Path
 
 import torch
 
+from flexgraph.errors import ModelError
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
 from flexgraph.progress import progress as _progress
+from flexgraph.sizes import format_size
 from flexgraph.weights.store import StoreWriter, WeightStore, dtype_name
 
 DUMMY_FORMAT, DUMMY_VERSION = "flexgraph-dummy", 1
@@ -133,7 +136,8 @@ def write_dummy(spec: ModelSpec, out: str | Path, dtype: torch.dtype = torch.bfl
     dtype_name(dtype)                       # reject unstorable dtypes before writing anything
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     weights = spec.all_weights()
-    total = sum(w.numel for w in weights) * dtype.itemsize
+    total = dummy_bytes(spec, dtype)
+    check_room(spec, dtype, Path(out).parent)   # a clear error now, not ENOSPC half-way through
     buffers = ChunkBuffers(workers + 1, dtype)
     t0 = time.perf_counter()
     with StoreWriter(out, overwrite=overwrite) as w, ThreadPoolExecutor(workers) as pool, \
@@ -149,6 +153,31 @@ def write_dummy(spec: ModelSpec, out: str | Path, dtype: torch.dtype = torch.bfl
     log.info("dummy_written", model=spec.name, dtype=dtype_name(dtype), bytes=total,
              seconds=round(time.perf_counter() - t0, 2))
     return WeightStore.open(out)
+
+
+def dummy_bytes(spec: ModelSpec, dtype: torch.dtype) -> int:
+    """The bytes of ``spec``'s dummy store in ``dtype`` (its matrices; the index is small)."""
+    return sum(w.numel for w in spec.all_weights()) * dtype.itemsize
+
+
+def room_problem(spec: ModelSpec, dtype: torch.dtype, folder: Path) -> str | None:
+    """Why ``spec``'s dummy store in ``dtype`` cannot be written under ``folder`` (its
+    nearest existing ancestor's file system has less free space than the store), or None."""
+    where = Path(folder)
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    free, need = shutil.disk_usage(where).free, dummy_bytes(spec, dtype)
+    if need <= free:
+        return None
+    return (f"the dummy {spec.name} store in {dtype_name(dtype)} needs {format_size(need)} and "
+            f"{where} has {format_size(free)} free")
+
+
+def check_room(spec: ModelSpec, dtype: torch.dtype, folder: Path) -> None:
+    problem = room_problem(spec, dtype, folder)
+    if problem:
+        raise ModelError(f"{problem}; free space there, point FLEXGRAPH_CACHE at a larger disk, or store "
+                         f"the weights in a smaller dtype (--storage-dtype bfloat16)")
 
 
 def _counted(chunks: Iterator[torch.Tensor], bar) -> Iterator[torch.Tensor]:

@@ -44,7 +44,7 @@ from flexgraph.models.spec import ModelSpec
 from flexgraph.weights import bundled
 from flexgraph.weights.cache import cache_lock, safe_component, stores_dir
 from flexgraph.weights.convert_hf import convert_hf, hf_folder_checksum, hf_weight_files
-from flexgraph.weights.dummy import dummy_identity, write_dummy
+from flexgraph.weights.dummy import dummy_identity, room_problem, write_dummy
 from flexgraph.weights.gguf_file import gguf_checksum, read_gguf_header
 from flexgraph.weights.store import CONFIG, INDEX, WeightStore, dtype_name, parse_dtype
 
@@ -212,6 +212,20 @@ def in_place_dtype(ref) -> str | None:
         return None
     kept = {store.entry(n).dtype for n in store.names() if len(store.entry(n).shape) == 2}
     return dtype_name(kept.pop()) if len(kept) == 1 else None
+
+
+def unwritable_stores(ref, dtypes: list[str]) -> dict[str, str]:
+    """For a dummy ``ref``: which of ``dtypes`` its store is neither written in yet nor has
+    room to be (dtype -> why); empty for any other model, whose store is what it is."""
+    if not getattr(ref, "dummy", False):
+        return {}
+    found = {}
+    for name in dtypes:
+        path = store_path_for(ref, parse_dtype(name))
+        problem = None if path.exists() else room_problem(ref.spec, parse_dtype(name), path.parent)
+        if problem:
+            found[name] = problem
+    return found
 
 
 def materialize(ref: ModelRef, dtype: torch.dtype | None = None, *, progress: bool = True) -> WeightStore:
