@@ -267,11 +267,12 @@ def writable_storage_choices(hardware: dict, knobs: Knobs, dtype: str) -> list[s
     dtype the plan keeps, and OPT-6.7B's float32 one, 27 GB, does not fit a disk with
     18 GB free).  PlanError when none is left."""
     unwritable = hardware.get("unwritable_stores") or {}
-    choices = [s for s in storage_choices(knobs, dtype) if (s or dtype) not in unwritable]
+    wanted = storage_choices(knobs, dtype)
+    choices = [s for s in wanted if (s or dtype) not in unwritable]
     if not choices:
-        why = "; ".join(unwritable.values())
-        raise PlanError(f"{why}: free space there, point FLEXGRAPH_CACHE at a larger disk, or store the "
-                        "weights in a smaller dtype (--storage-dtype bfloat16)")
+        from flexgraph.weights.dummy import room_advice
+        blocked = [s or dtype for s in wanted]
+        raise PlanError(f"{'; '.join(unwritable[d] for d in blocked)}: {room_advice(blocked)}")
     return choices
 
 

@@ -173,11 +173,17 @@ def room_problem(spec: ModelSpec, dtype: torch.dtype, folder: Path) -> str | Non
             f"{where} has {format_size(free)} free")
 
 
+def room_advice(dtypes: list[str]) -> str:
+    """How to make room for dummy stores in ``dtypes`` (names) that do not fit."""
+    narrower = all(torch.finfo(getattr(torch, d)).bits > 16 for d in dtypes)     # bfloat16 is untried
+    return ("free space there or point FLEXGRAPH_CACHE at a larger disk"
+            + (", or keep the weights in bfloat16 (--storage-dtype bfloat16)" if narrower else ""))
+
+
 def check_room(spec: ModelSpec, dtype: torch.dtype, folder: Path) -> None:
     problem = room_problem(spec, dtype, folder)
     if problem:
-        raise ModelError(f"{problem}; free space there, point FLEXGRAPH_CACHE at a larger disk, or store "
-                         f"the weights in a smaller dtype (--storage-dtype bfloat16)")
+        raise ModelError(f"{problem}; {room_advice([dtype_name(dtype)])}")
 
 
 def _counted(chunks: Iterator[torch.Tensor], bar) -> Iterator[torch.Tensor]:
