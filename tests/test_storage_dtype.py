@@ -285,8 +285,9 @@ def test_the_search_weighs_no_store_dtype_the_disk_cannot_hold(tmp_path, monkeyp
     wl = Workload(16, 128, 8)
     hw = {"device": "cpu", "gpu_mem": None, "cpu_mem": 64 << 30, "disk_mem": 1 << 40}
 
-    def plan():   # all in RAM and converting slowly: the search keeps float32 where it can
-        return make_plan(ref, wl, SamplingParams(), hw, Knobs(dtype="float32"), _model(ref.spec, cast=0.5 * GB))
+    def plan(**knobs):   # all in RAM and converting slowly: the search keeps float32 where it can
+        return make_plan(ref, wl, SamplingParams(), hw, Knobs(dtype="float32", **knobs),
+                         _model(ref.spec, cast=0.5 * GB))
 
     assert plan().policy.storage_dtype is None
     _free_disk(monkeypatch, dummy_bytes(ref.spec, torch.bfloat16) + 1)   # room for bfloat16 only
@@ -294,6 +295,8 @@ def test_the_search_weighs_no_store_dtype_the_disk_cannot_hold(tmp_path, monkeyp
     assert p.policy.storage_dtype == "bfloat16" and p.hardware["unwritable_stores"].keys() == {"float32"}
     assert any(n.startswith("float32 storage not weighed: the dummy opt-1.3b store in float32 needs")
                for n in p.chosen["notes"])
+    p = plan(storage_dtype="bfloat16")          # float32 was never a choice: nothing to say about its room
+    assert "unwritable_stores" not in p.hardware and not any("not weighed" in n for n in p.chosen["notes"])
     _free_disk(monkeypatch, dummy_bytes(ref.spec, torch.bfloat16) - 1)   # room for neither
     with pytest.raises(PlanError, match=r"^the dummy opt-1.3b store in float32 needs .*; the dummy opt-1.3b "
                                         r"store in bfloat16 needs .* free: free space there or point "

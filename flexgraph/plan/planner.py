@@ -103,6 +103,13 @@ def storage_choices(knobs: Knobs, dtype: str) -> list[str | None]:
     return [None, "bfloat16"] if dtype == "float32" else [None]
 
 
+def stored_dtypes(knobs: Knobs, hardware: dict) -> list[str]:
+    """The dtypes the search may keep the weights in: its storage choices, "as computed"
+    named."""
+    dtype = knobs.dtype or default_dtype(hardware.get("device", "cpu"))
+    return [s or dtype for s in storage_choices(knobs, dtype)]
+
+
 def dtype_notes(knobs: Knobs, device: str) -> list[str]:
     """Why the plan computes in its dtype, when the user left it out (``chosen.notes``)."""
     if knobs.dtype is not None:
@@ -305,7 +312,7 @@ def make_plan(model_ref, workload: Workload, sampling: SamplingParams, hardware:
     candidates = []
     if cost_model is not None and not complete:
         from flexgraph.plan.search import choose_by_search
-        unwritable = unwritable_stores(model_ref, ["float32", "bfloat16", "float16"])
+        unwritable = unwritable_stores(model_ref, stored_dtypes(knobs, hardware))
         if unwritable:          # only then: a plan does not depend on the free space it did not need
             hardware["unwritable_stores"] = unwritable
         policy, graph, checked, notes, candidates = choose_by_search(spec, workload, hardware, knobs, cost_model)

@@ -40,7 +40,7 @@ from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
 from flexgraph.progress import progress as _progress
 from flexgraph.sizes import format_size
-from flexgraph.weights.store import StoreWriter, WeightStore, dtype_name
+from flexgraph.weights.store import StoreWriter, WeightStore, dtype_name, parse_dtype
 
 DUMMY_FORMAT, DUMMY_VERSION = "flexgraph-dummy", 1
 CHUNK_ELEMS = 1 << 22          # part of the definition of the values: do not change
@@ -175,7 +175,7 @@ def room_problem(spec: ModelSpec, dtype: torch.dtype, folder: Path) -> str | Non
 
 def room_advice(dtypes: list[str]) -> str:
     """How to make room for dummy stores in ``dtypes`` (names) that do not fit."""
-    narrower = all(torch.finfo(getattr(torch, d)).bits > 16 for d in dtypes)     # bfloat16 is untried
+    narrower = all(parse_dtype(d).itemsize > 2 for d in dtypes)     # bfloat16 is untried
     return ("free space there or point FLEXGRAPH_CACHE at a larger disk"
             + (", or keep the weights in bfloat16 (--storage-dtype bfloat16)" if narrower else ""))
 

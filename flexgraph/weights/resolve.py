@@ -221,8 +221,9 @@ def unwritable_stores(ref, dtypes: list[str]) -> dict[str, str]:
         return {}
     found = {}
     for name in dtypes:
-        path = store_path_for(ref, parse_dtype(name))
-        problem = None if path.exists() else room_problem(ref.spec, parse_dtype(name), path.parent)
+        dtype = parse_dtype(name)
+        path = store_path_for(ref, dtype)
+        problem = None if path.exists() else room_problem(ref.spec, dtype, path.parent)
         if problem:
             found[name] = problem
     return found
