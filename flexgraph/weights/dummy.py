@@ -40,6 +40,7 @@ from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
 from flexgraph.progress import progress as _progress
 from flexgraph.sizes import format_size
+from flexgraph.weights.partials import reap_stale
 from flexgraph.weights.store import StoreWriter, WeightStore, dtype_name, parse_dtype
 
 DUMMY_FORMAT, DUMMY_VERSION = "flexgraph-dummy", 1
@@ -137,6 +138,7 @@ def write_dummy(spec: ModelSpec, out: str | Path, dtype: torch.dtype = torch.bfl
     workers = workers or max(1, min(8, os.cpu_count() or 1))
     weights = spec.all_weights()
     total = dummy_bytes(spec, dtype)
+    reap_stale(Path(out))                     # a killed write's leftovers count against the room
     check_room(spec, dtype, Path(out).parent)   # a clear error now, not ENOSPC half-way through
     buffers = ChunkBuffers(workers + 1, dtype)
     t0 = time.perf_counter()

@@ -46,6 +46,7 @@ from flexgraph.weights.cache import cache_lock, safe_component, stores_dir
 from flexgraph.weights.convert_hf import convert_hf, hf_folder_checksum, hf_weight_files
 from flexgraph.weights.dummy import dummy_identity, room_problem, write_dummy
 from flexgraph.weights.gguf_file import gguf_checksum, read_gguf_header
+from flexgraph.weights.partials import reap_stale
 from flexgraph.weights.store import CONFIG, INDEX, WeightStore, dtype_name, parse_dtype
 
 KINDS = ("store", "hf", "gguf", "builtin", "bundled")
@@ -223,6 +224,8 @@ def unwritable_stores(ref, dtypes: list[str]) -> dict[str, str]:
     for name in dtypes:
         dtype = parse_dtype(name)
         path = store_path_for(ref, dtype)
+        if not path.exists():
+            reap_stale(path)                  # free what killed writes of it left behind
         problem = None if path.exists() else room_problem(ref.spec, dtype, path.parent)
         if problem:
             found[name] = problem

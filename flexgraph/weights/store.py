@@ -25,7 +25,9 @@ still in the CPU cache, and never copy the data: bytes go straight from the file
 the tensor's own memory.  Writers hash while writing, so no tensor is read twice.
 
 :class:`StoreWriter` writes into a hidden sibling folder and renames it into place at
-the end, so an interrupted conversion never leaves a folder that looks complete.
+the end, so an interrupted conversion never leaves a folder that looks complete (and
+one killed before it could delete that sibling has it removed by the next writer:
+:mod:`flexgraph.weights.partials`).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import torch
 from flexgraph.errors import ModelError
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
+from flexgraph.weights.partials import partial_path, reap_stale
 from flexgraph.progress import progress as _progress
 
 FORMAT = "flexgraph-weights"
@@ -387,7 +390,8 @@ class StoreWriter:
         if self.path.exists() and not overwrite:
             raise ModelError(f"{self.path} already exists; remove it or choose another output folder")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = self.path.parent / f".{self.path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        reap_stale(self.path)                 # what killed writers left of this store
+        self.tmp = partial_path(self.path)
         self.tmp.mkdir()
         self._tensors: dict[str, dict[str, Any]] = {}
         self._aliases: dict[str, str] = {}
