@@ -18,7 +18,8 @@ What is measured (for one working dtype and device):
   item), which bounds how small a node can usefully be;
 - **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
   eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (decode batches of
-  1, 16 and 256 sequences; prefills of 1, 16 and 64 sequences of 512 tokens) with its
+  1, 16 and 256 sequences, attention's over 512 and over 128 cached tokens; prefills of
+  1, 16 and 64 sequences of 512 tokens) with its
   weights and cache streamed from memory; the ratio to the analytic time corrects the
   cost model, prefill and decode apart (element-wise chains and memory-bound products
   are not what FLOP/s predict); on a CPU measured again, when a plan first needs it,
@@ -475,10 +476,19 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
 # had a 4 x 512 prefill's attention between a 256-sequence decode's ratio (3.2) and a
 # 16 x 512 prefill's (1.2), and SmolLM2's prefill attention at 1-4 sequences came out
 # 1.4-2.1x its measured time.
+# Decode attention is timed at a short context as well (its own tables, "decode attn
+# @128"): its time is affine in the context, and the part that grows with it (attention
+# over the cache) ran 2.4-4.7x its analytic time at 512 tokens where the projections ran
+# near theirs, so scaling the 512-token time by the analytic ratio put OPT-6.7B's and
+# Llama-3.1-8B's decode attention at 136 tokens 1.7-2.0x the measured time (12-07).
+# The other kinds do not read the cache and are timed at TIMED_CONTEXT only.
 TIMED_CONTEXT = 512               # the cached tokens a timed decode step reads (and a timed prefill's length)
+SHORT_CONTEXT = 128               # ... and the cached tokens of decode attention's second set of points
 LAYER_POINTS = {"decode-tiny": (1, 1, TIMED_CONTEXT), "decode-small": (16, 1, TIMED_CONTEXT),
                 "decode": (256, 1, TIMED_CONTEXT), "prefill-small": (1, 512, TIMED_CONTEXT),
-                "prefill": (16, 512, TIMED_CONTEXT), "prefill-large": (64, 512, TIMED_CONTEXT)}
+                "prefill": (16, 512, TIMED_CONTEXT), "prefill-large": (64, 512, TIMED_CONTEXT),
+                "decode-tiny-short": (1, 1, SHORT_CONTEXT), "decode-small-short": (16, 1, SHORT_CONTEXT),
+                "decode-short": (256, 1, SHORT_CONTEXT)}
 LARGE_POINT_SECONDS = 1.0
 LAYER_ROUNDS = 5                  # at least this many rounds of every point ...
 LAYER_MIN_SPAN_SECONDS = 30.0     # ... and more until the rounds span this long (measure_layers) ...
@@ -604,10 +614,12 @@ def time_interleaved(steps: list[TimedStep]) -> None:
             rounds += 1
 
 
-def correction_key(kind: str, new: int) -> str:
+def correction_key(kind: str, new: int, context: int = TIMED_CONTEXT) -> str:
     """The corrections table a compute of ``new`` tokens per sequence of a ``kind`` layer
-    is scaled by: ``"prefill mlp"``, ``"decode attn"``, ... (named as the estimate's parts)."""
-    return f"{'prefill' if new > 1 else 'decode'} {kind}"
+    is scaled by: ``"prefill mlp"``, ``"decode attn"``, ... (named as the estimate's parts);
+    points timed at another context than ``TIMED_CONTEXT`` have their own: ``"decode attn @128"``."""
+    key = f"{'prefill' if new > 1 else 'decode'} {kind}"
+    return key if context == TIMED_CONTEXT else f"{key} @{context}"
 
 
 def layer_corrections(steps: list[TimedStep]) -> dict[str, list[list[float]]]:
@@ -662,8 +674,12 @@ def layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device)
                 continue                                      # the head only ever sees the last position
             if phase == "prefill-large" and model.analytic_time(j, batch, new, context) > LARGE_POINT_SECONDS:
                 continue
-            if kind == ATTN:      # a large model's cache at a large batch is timed at a smaller one
-                batch = max(1, min(batch, MAX_LAYER_BYTES // _cache_bytes_per_sequence(spec, context, dtype)))
+            if context != TIMED_CONTEXT and kind != ATTN:
+                continue                                      # only attention reads the cache
+            if kind == ATTN:      # a large model's cache at a large batch is timed at a smaller one (the
+                # same at every context: the pool's rows are as long as the longest)
+                longest = max(c for _, _, c in LAYER_POINTS.values())
+                batch = max(1, min(batch, MAX_LAYER_BYTES // _cache_bytes_per_sequence(spec, longest, dtype)))
             points.append((batch, new, context))
         pool = _CachePool(spec, points, dtype, device) if kind == ATTN else None
         for batch, new, context in points:
@@ -678,8 +694,8 @@ def layer_steps(model, dtype: torch.dtype, compiled: bool, device: torch.device)
                 n[0] += 1
                 compute_layer(spec, j, w, x, st, cache, inv_freq, kernels)
 
-            steps.append(TimedStep(correction_key(kind, new), batch * new, model.analytic_time(j, batch, new, context),
-                                   run))
+            steps.append(TimedStep(correction_key(kind, new, context), batch * new,
+                                   model.analytic_time(j, batch, new, context), run))
     return steps
 
 

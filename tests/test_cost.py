@@ -237,6 +237,41 @@ def test_prefill_and_decode_are_corrected_by_their_own_tables():
     assert model.compute_time(head, 1024, 512, 512) == pytest.approx(4 * h256)
 
 
+def test_decode_attention_is_affine_in_the_context_through_both_timed_contexts():
+    # Timed at 512 and at 128 cached tokens: in between and beyond, the time is the line
+    # through the two measured times (at this batch); below 128, the short time scaled by
+    # the analytic time.  OPT-6.7B's decode attention at 136 tokens came out 1.7x its
+    # measured time when the 512-token time was scaled by the analytic time alone.
+    from flexgraph.calibrate import SHORT_CONTEXT
+    spec = ModelSpec.from_hf_config(builtin_config("opt-125m"))
+    model = with_matmul(calibration(), spec)
+    attn, mlp = 1, 2
+    model.corrections = {"decode attn": [[1, 5.0], [256, 4.0]], "decode attn @128": [[1, 2.0], [256, 1.5]],
+                         "decode mlp": [[1, 3.0], [256, 1.5]]}
+    b = 64
+
+    def at(table, context):          # the table's time at batch b, linear between its batches
+        (b0, r0), (b1, r1) = table
+        t0, t1 = r0 * model.analytic_time(attn, b0, 1, context), r1 * model.analytic_time(attn, b1, 1, context)
+        return t0 + (b - b0) / (b1 - b0) * (t1 - t0)
+
+    short, long = at(model.corrections["decode attn @128"], SHORT_CONTEXT), at(model.corrections["decode attn"], 512)
+    assert model.compute_time(attn, b, 1, SHORT_CONTEXT) == pytest.approx(short)
+    assert model.compute_time(attn, b, 1, 512) == pytest.approx(long)
+    assert model.compute_time(attn, b, 1, 320) == pytest.approx((short + long) / 2)
+    assert model.compute_time(attn, b, 1, 896) == pytest.approx(long + (long - short))
+    assert model.compute_time(attn, b, 1, 64) == pytest.approx(
+        short * model.analytic_time(attn, b, 1, 64) / model.analytic_time(attn, b, 1, SHORT_CONTEXT))
+    # the old way, kept for a calibration without the short points: 512's time scaled
+    scaled = long * model.analytic_time(attn, b, 1, 136) / model.analytic_time(attn, b, 1, 512)
+    assert model.compute_time(attn, b, 1, 136) != pytest.approx(scaled)
+    del model.corrections["decode attn @128"]
+    model._compute_cache.clear()
+    assert model.compute_time(attn, b, 1, 136) == pytest.approx(scaled)
+    # a kind that does not read the cache has no second table and is not affected
+    assert "decode mlp @128" not in model.corrections
+
+
 def test_a_decode_step_between_timed_batches_is_not_thrown_by_a_noisy_matmul_rate():
     # The matmul table read a product of 4 rows at a fifth of its neighbours' rate (noise
     # at a few rows): the analytic time of a 4-sequence step is then more than a
@@ -318,9 +353,10 @@ def _tables_of_points(C) -> dict[str, list[int]]:
     """The tables ``LAYER_POINTS`` make, each with its points' token counts: prefill and
     decode apart; the head only decodes; the embedding's are the MLP's."""
     tables: dict[str, set[int]] = {}
-    for batch, new, _ in C.LAYER_POINTS.values():
-        for kind in ("attn", "mlp", "embed") + (("head",) if new == 1 else ()):
-            tables.setdefault(C.correction_key(kind, new), set()).add(batch * new)
+    for batch, new, context in C.LAYER_POINTS.values():
+        kinds = ("attn", "mlp", "embed") + (("head",) if new == 1 else ())
+        for kind in kinds if context == C.TIMED_CONTEXT else ("attn",):    # only attention reads the cache
+            tables.setdefault(C.correction_key(kind, new, context), set()).add(batch * new)
     return {key: sorted(tokens) for key, tokens in tables.items()}
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 
 import networkx as nx
 
-from flexgraph.calibrate import TIMED_CONTEXT, Calibration, _interp, correction_key
+from flexgraph.calibrate import SHORT_CONTEXT, TIMED_CONTEXT, Calibration, _interp, correction_key
 from flexgraph.compress.quant import should_compress
 from flexgraph.graph.builder import COMPUTE, part_of
 from flexgraph.models.spec import ATTN, EMBED, HEAD, MLP, ModelSpec
@@ -236,23 +236,40 @@ class CostModel:
         """A decode step (or the head) of ``batch`` sequences: the times measured at the
         timed batches, linear in the batch between them (a step reads the weights once
         and does per-sequence work, so its time is affine in the batch) and per sequence
-        beyond the largest; scaled to ``context`` by the analytic time at this batch.
+        beyond the largest; scaled to ``context`` by the analytic time at this batch —
+        except attention, where the calibration timed a second context
+        (``SHORT_CONTEXT``): affine in the context through the two.
 
         Not the analytic time times an interpolated ratio: at a few rows the matmul
         table's rates are noisy (a 576 x 1536 product read 24 GFLOP/s at M 4 in one
         calibration, 44 in a re-timing), so the analytic time is not even monotone in the
         batch (SmolLM2's MLP: 0.77 ms at 4 sequences, 0.69 at 8), and a ratio measured at
         1 and 16 sequences put 4 sequences' decode at 1.6-3x its measured time."""
-        times = [(b, r * self.analytic_time(j, int(b), 1, TIMED_CONTEXT)) for b, r in table]
+        short = None
+        if self.spec.layer(j).kind == ATTN:
+            short = self.corrections.get(correction_key(ATTN, 1, SHORT_CONTEXT))
+        if short is None:           # a kind that does not read the cache, or an older calibration
+            return (self._timed_batch(j, batch, table, TIMED_CONTEXT) * self.analytic_time(j, batch, new, context)
+                    / self.analytic_time(j, batch, 1, TIMED_CONTEXT))
+        # attention: affine in the context through the times measured at both contexts
+        # (the cache part grows with it at its own measured cost), scaled below the short one
+        t_short = self._timed_batch(j, batch, short, SHORT_CONTEXT)
+        if context <= SHORT_CONTEXT:
+            return t_short * self.analytic_time(j, batch, new, context) / self.analytic_time(j, batch, 1, SHORT_CONTEXT)
+        t_long = self._timed_batch(j, batch, table, TIMED_CONTEXT)
+        return t_short + (context - SHORT_CONTEXT) / (TIMED_CONTEXT - SHORT_CONTEXT) * (t_long - t_short)
+
+    def _timed_batch(self, j: int, batch: int, table: list[list[float]], context: int) -> float:
+        """``batch`` sequences' step at ``context`` from a table timed there: the times at
+        its batches, linear between them, per sequence beyond the largest."""
+        times = [(b, r * self.analytic_time(j, int(b), 1, context)) for b, r in table]
         (b0, t0), (b_last, t_last) = times[0], times[-1]
         if batch >= b_last:
-            t = t_last * batch / b_last
-        elif batch <= b0:
-            t = t0
-        else:
-            (lo, t_lo), (hi, t_hi) = next((p, q) for p, q in zip(times, times[1:]) if batch <= q[0])
-            t = t_lo + (batch - lo) / (hi - lo) * (t_hi - t_lo)
-        return t * self.analytic_time(j, batch, new, context) / self.analytic_time(j, batch, 1, TIMED_CONTEXT)
+            return t_last * batch / b_last
+        if batch <= b0:
+            return t0
+        (lo, t_lo), (hi, t_hi) = next((p, q) for p, q in zip(times, times[1:]) if batch <= q[0])
+        return t_lo + (batch - lo) / (hi - lo) * (t_hi - t_lo)
 
     def io_cpu_time(self, attrs: dict) -> float:
         """Compute seconds a node's disk transfers take from a CPU compute device."""
