@@ -18,9 +18,9 @@ What is measured (for one working dtype and device):
   item), which bounds how small a node can usefully be;
 - **the model's own layers** (:func:`measure_layers`): each layer kind's real maths —
   eager or compiled, as the run will use — timed at ``LAYER_POINTS`` (decode batches of
-  1, 16 and 256 sequences, attention's over 512 and over 128 cached tokens; prefills of
-  1, 16 and 64 sequences of 512 tokens) with its
-  weights and cache streamed from memory; the ratio to the analytic time corrects the
+  1, 16 and 256 sequences, attention's over 512 and over 128 cached tokens; prefills
+  of 1, 16 and 64 sequences of 512 tokens) with its weights and cache streamed from
+  memory; the ratio to the analytic time corrects the
   cost model, prefill and decode apart (element-wise chains and memory-bound products
   are not what FLOP/s predict); on a CPU measured again, when a plan first needs it,
   under the allocator a tight run uses (:func:`measure_layers_tight`);
@@ -477,11 +477,12 @@ def ensure_matmul(cal: Calibration, shapes: set[tuple[int, int]], dtype: torch.d
 # 16 x 512 prefill's (1.2), and SmolLM2's prefill attention at 1-4 sequences came out
 # 1.4-2.1x its measured time.
 # Decode attention is timed at a short context as well (its own tables, "decode attn
-# @128"): its time is affine in the context, and the part that grows with it (attention
-# over the cache) ran 2.4-4.7x its analytic time at 512 tokens where the projections ran
-# near theirs, so scaling the 512-token time by the analytic ratio put OPT-6.7B's and
-# Llama-3.1-8B's decode attention at 136 tokens 1.7-2.0x the measured time (12-07).
-# The other kinds do not read the cache and are timed at TIMED_CONTEXT only.
+# @128"), and a step's time is the line through the two: the part that grows with the
+# context (attention over the cache) runs further above its analytic time than the
+# projections do (OPT-6.7B's decode attention layer: 4.7x its analytic time at 512
+# tokens, 2.2x at 128), so scaling the 512-token time by the analytic ratio put OPT-6.7B's
+# and Llama-3.1-8B's decode attention at 128-143 tokens at 1.7-2.0x the measured time
+# (12-07).  The other kinds do not read the cache and are timed at TIMED_CONTEXT only.
 TIMED_CONTEXT = 512               # the cached tokens a timed decode step reads (and a timed prefill's length)
 SHORT_CONTEXT = 128               # ... and the cached tokens of decode attention's second set of points
 LAYER_POINTS = {"decode-tiny": (1, 1, TIMED_CONTEXT), "decode-small": (16, 1, TIMED_CONTEXT),
