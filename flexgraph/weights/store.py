@@ -50,8 +50,8 @@ import torch
 from flexgraph.errors import ModelError
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
-from flexgraph.weights.partials import partial_path, reap_stale
 from flexgraph.progress import progress as _progress
+from flexgraph.weights.partials import partial_path, reap_stale
 
 FORMAT = "flexgraph-weights"
 VERSION = 1
