@@ -578,8 +578,11 @@ def layer_signature(spec, dtype: torch.dtype, compiled: bool) -> str:
                 "pad_token_id"):
         d.pop(key, None)
     from flexgraph.models.forward import PREFILL_CHUNK_TOKENS
+    from flexgraph.models.layers import GROUPED_DECODE
     text = (json.dumps(d, sort_keys=True, default=str) + f"|{dtype}|{compiled}|{sorted(LAYER_POINTS.items())}"
             f"|{STREAM_BYTES}|{LAYER_TIMING}|{PREFILL_CHUNK_TOKENS}")
+    if spec.num_kv_heads != spec.num_heads:       # only their decode attention changed
+        text += f"|{GROUPED_DECODE}"
     return "layers-" + hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
