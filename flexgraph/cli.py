@@ -123,11 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool = False, compiled: bool = False,
-                    compress_weight: bool = False, compress_cache: bool = False, storage: tuple = ()):
+                    compress_weight: bool = False, compress_cache: bool = False, storage: tuple = (),
+                    uses_disk: bool = True):
     """The calibrated cost model for ``spec`` on this machine (measuring what is missing);
-    ``storage``: the storage dtypes plans may use (their conversion rates are measured)."""
-    from flexgraph.calibrate import (ensure_cast, ensure_dequant, ensure_io_cpu, ensure_layers, ensure_matmul,
-                                     load_calibration)
+    ``storage``: the storage dtypes plans may use (their conversion rates are measured);
+    ``uses_disk``: whether plans may reach the disk (its rates are then measured again if stale)."""
+    from flexgraph.calibrate import (ensure_cast, ensure_dequant, ensure_layers, ensure_matmul, load_calibration,
+                                     refresh_disk)
     from flexgraph.plan.cost import CostModel
     from flexgraph.plan.planner import default_dtype
     from flexgraph.plan.policy import DTYPES
@@ -135,7 +137,8 @@ def load_cost_model(spec, hardware: dict, dtype: str | None, recalibrate: bool =
     torch_dtype = DTYPES[dtype or default_dtype(hardware.get("device", "cpu"))]
     has_gpu = hardware.get("gpu_mem") is not None
     cal = load_calibration(hardware.get("device", "cpu"), torch_dtype, hardware["offload_dir"], has_gpu, recalibrate)
-    ensure_io_cpu(cal, torch_dtype, hardware["offload_dir"], has_gpu)
+    if uses_disk:
+        refresh_disk(cal, torch_dtype, hardware["offload_dir"], has_gpu)
     model = CostModel(spec, cal, torch_dtype.itemsize, compress_weight=compress_weight,
                       compress_cache=compress_cache)
     ensure_matmul(cal, model.matmul_shapes(), torch_dtype, has_gpu)
@@ -155,7 +158,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from flexgraph.log import get_logger
     from flexgraph.models.sampling import SamplingParams
     from flexgraph.plan.planfile import save_plan
-    from flexgraph.plan.planner import COMPILE_MEMORY, Knobs, default_dtype, make_plan, should_compile, storage_choices
+    from flexgraph.plan.planner import (COMPILE_MEMORY, Knobs, default_dtype, make_plan, may_use_disk, should_compile,
+                                        storage_choices)
+    from flexgraph.plan.policy import DTYPES
     from flexgraph.plan.summary import plan_summary
     from flexgraph.weights.resolve import resolve_model
 
@@ -190,8 +195,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         hw.setdefault("sources", {})["compile"] = f"{COMPILE_MEMORY} bytes of the cpu tier kept for torch.compile"
     cost_model = None
     if args.search == "cost":
-        cost_model = load_cost_model(ref.spec, hw, dtype, args.recalibrate, compiled,
-                                     knobs.compress_weight, knobs.compress_cache, storage_choices(knobs, dtype))
+        uses_disk = may_use_disk(ref.spec, workload, hw, knobs, DTYPES[dtype].itemsize)
+        cost_model = load_cost_model(ref.spec, hw, dtype, args.recalibrate, compiled, knobs.compress_weight,
+                                     knobs.compress_cache, storage_choices(knobs, dtype), uses_disk)
     plan = make_plan(ref, workload, sampling, hw, knobs, cost_model)
     plan.compile = compiled
     save_plan(plan, args.out)

@@ -1,5 +1,7 @@
 """The cost model and the policy search, with hand-set rates (deterministic; no timing)."""
 
+import json
+
 import pytest
 
 from flexgraph.calibrate import TIMED_CONTEXT, Calibration, _interp
@@ -134,6 +136,42 @@ def test_io_cpu_is_measured_and_leaves_no_file(tmp_path, monkeypatch):
     assert 0.0 <= cost < 1e-6                  # seconds per byte: under 1000 s per GB
     assert 10e6 < read < 100e9                 # bytes/s read meanwhile: a disk's, not zero
     assert not list(tmp_path.iterdir())        # its probe file is removed
+
+
+def test_disk_rates_are_measured_again_when_stale_and_saved(tmp_path, monkeypatch):
+    """A plan made more than DISK_MAX_AGE_SECONDS after the disk was timed times it again
+    (all its rates: idle, under compute, what reads cost the compute) and saves them; a
+    fresh timing is kept; a calibration from before the rates were dated counts as stale."""
+    import torch
+
+    import flexgraph.calibrate as C
+    monkeypatch.setenv("FLEXGRAPH_CACHE", str(tmp_path / "cache"))
+    # each timing of the disk: (idle read, write) then (compute lost per byte, read under compute)
+    timings = iter([((1.2e9, 0.5e9), (3e-11, 1.1e9)), ((0.9e9, 0.4e9), (4e-11, 0.8e9))])
+    calls, under_compute = [], []
+
+    def measure_disk(folder, nbytes=0):
+        calls.append(folder)
+        idle, busy = next(timings)
+        under_compute.append(busy)
+        return idle
+
+    monkeypatch.setattr(C, "measure_disk", measure_disk)
+    monkeypatch.setattr(C, "measure_io_cpu", lambda folder, dtype: under_compute[-1])
+    cal = Calibration(device="cpu", dtype="float32", bandwidth={"disk->cpu": 2.9e9, "cpu->disk": 2.6e9},
+                      io_cpu=1e-11, disk_read_busy=2.7e9)         # undated: from before the field
+    assert C.refresh_disk(cal, torch.float32, str(tmp_path), False, now=1000.0)
+    assert (cal.bandwidth, cal.io_cpu, cal.disk_read_busy) == ({"disk->cpu": 1.2e9, "cpu->disk": 0.5e9}, 3e-11, 1.1e9)
+    stamp = cal.disk_measured_at
+    assert stamp > 0
+    saved = C.Calibration.from_json(json.loads(C.calibration_path("cpu", "float32", False).read_text()))
+    assert saved.bandwidth == cal.bandwidth and saved.disk_measured_at == stamp
+    # within the age: kept, not measured
+    assert not C.refresh_disk(cal, torch.float32, str(tmp_path), False, now=stamp + C.DISK_MAX_AGE_SECONDS)
+    assert len(calls) == 1
+    # past it: measured again
+    assert C.refresh_disk(cal, torch.float32, str(tmp_path), False, now=stamp + C.DISK_MAX_AGE_SECONDS + 1)
+    assert cal.bandwidth["disk->cpu"] == 0.9e9 and cal.disk_read_busy == 0.8e9 and len(calls) == 2
 
 
 def test_search_keeps_everything_in_ram_when_it_fits():

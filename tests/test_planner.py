@@ -11,8 +11,8 @@ from flexgraph.graph.builder import COMPUTE, LOAD_CACHE, LOAD_WEIGHT, Workload, 
 from flexgraph.models.builtin import builtin_config
 from flexgraph.models.spec import ModelSpec
 from flexgraph.plan.checker import check_path
-from flexgraph.plan.planner import (EXEC_BYTES_PER_NODE, Knobs, capacities, choose_policy, default_dtype, plan_for_policy,
-                                    working_set)
+from flexgraph.plan.planner import (EXEC_BYTES_PER_NODE, Knobs, capacities, choose_policy, default_dtype, may_use_disk,
+                                    plan_for_policy, working_set)
 from flexgraph.plan.policy import Policy, Split, split_rows, weight_placement
 from flexgraph.plan.traversal import make_path
 
@@ -196,3 +196,24 @@ def test_graph_has_flops_and_bytes():
     assert lw["moves"] == [("disk", "gpu", sum(w.numel for w in TINY.layer_weights(1)) * 4)]
     c = g.nodes[(COMPUTE, 1, 2, 0)]
     assert math.isclose(c["flops"], 2 * TINY.layer_flops(2, 1, 5))
+
+
+def test_may_use_disk_when_weights_and_the_whole_cache_exceed_memory():
+    """The disk's rates are measured again only for plans that could reach it."""
+    opt = ModelSpec.from_hf_config(builtin_config("opt-6.7b"))
+    gib = 1 << 30
+    work = Workload(128, 128, 16)
+    # 13.3 GB of bfloat16 weights: not in 8 GiB, in 64 GiB with the 2.4 GB cache
+    assert may_use_disk(opt, work, {"cpu_mem": 8 * gib}, Knobs(), 2)
+    assert not may_use_disk(opt, work, {"cpu_mem": 64 * gib}, Knobs(), 2)
+    # the cache counts: 64 x as many prompts' cache (150 GB) does not fit 64 GiB
+    assert may_use_disk(opt, Workload(128 * 64, 128, 16), {"cpu_mem": 64 * gib}, Knobs(), 2)
+    # a GPU's memory counts with the host's
+    assert not may_use_disk(opt, work, {"cpu_mem": 8 * gib, "gpu_mem": 56 * gib}, Knobs(), 2)
+    # --percent says it outright, whatever the memory
+    in_ram = Knobs(percent=(0, 100, 0, 100, 0, 100))
+    assert not may_use_disk(opt, work, {"cpu_mem": 8 * gib}, in_ram, 2)
+    for i in range(0, 6, 2):
+        leaves = list(in_ram.percent)
+        leaves[i + 1] = 60
+        assert may_use_disk(opt, work, {"cpu_mem": 64 * gib}, Knobs(percent=tuple(leaves)), 2)

@@ -84,6 +84,18 @@ def runs_tight(host_peak: int, host_home: int, cap: dict) -> bool:
     return not roomy(host_peak, host_home, cap["cpu"])
 
 
+def may_use_disk(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Knobs, itemsize: int) -> bool:
+    """Whether a plan for this could keep anything on disk: ``--percent`` leaves some
+    there, or (searched) the weights and the whole workload's KV cache do not fit the
+    memory tiers.  A plan that cannot reach the disk needs no fresh disk rates."""
+    if knobs.percent is not None:
+        return any(knobs.percent[i] + knobs.percent[i + 1] < 100 for i in (0, 2, 4))
+    memory = sum(hardware.get(tier) or 0 for tier in ("gpu_mem", "cpu_mem"))
+    tokens = workload.num_prompts * (workload.prompt_len + workload.gen_len)
+    cache = spec.num_blocks * spec.kv_bytes_per_token(itemsize) * tokens
+    return spec.num_parameters() * itemsize + cache > memory
+
+
 def default_dtype(device: str, recalibrate: bool = False) -> str:
     """float16 on CUDA; on a CPU whichever of bfloat16 and float32 it multiplies well
     (measured once per machine: bfloat16 ran ~5x faster than float32 with AMX,
