@@ -138,6 +138,33 @@ def test_io_cpu_is_measured_and_leaves_no_file(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())        # its probe file is removed
 
 
+def test_disk_read_rate_is_bytes_over_time_not_a_typical_read(tmp_path, monkeypatch):
+    """Reads alternating fast and slow (as this VM's disk serves them): the rate is all
+    bytes over all the time the reads took — what a run's reads will take — not the
+    median read's rate, which the fast reads would set."""
+    import itertools
+    import time
+
+    import flexgraph.calibrate as C
+    from flexgraph.exec import diskio
+    delays = itertools.cycle([0.01, 0.01, 0.07])       # seconds per read: two fast, one slow
+    real_read = diskio.DiskIO.read_into
+
+    def uneven_read(self, path, offset, dst):
+        real_read(self, path, offset, dst)
+        time.sleep(next(delays))
+
+    monkeypatch.setattr(diskio.DiskIO, "read_into", uneven_read)
+    nbytes = 1 << 20
+    read, write = C.measure_disk(tmp_path, nbytes=nbytes, seconds=0.6)
+    # each 3 reads take >= 0.09 s: ~3 MiB / 0.09 s in all (a cut cycle at the end adds a
+    # little); the median read alone would give 1 MiB / 0.01 s, three times that
+    assert read < 1.15 * 3 * nbytes / 0.09
+    assert read < 0.5 * nbytes / 0.01
+    assert write > 0
+    assert not list(tmp_path.iterdir())                 # its probe file is removed
+
+
 def test_disk_rates_are_measured_again_when_stale_and_saved(tmp_path, monkeypatch):
     """A plan made more than DISK_MAX_AGE_SECONDS after the disk was timed times it again
     (all its rates: idle, under compute, what reads cost the compute) and saves them; a
