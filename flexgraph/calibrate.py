@@ -32,8 +32,8 @@ What is measured (for one working dtype and device):
   compute runs (the estimate's disk rate; the roofline keeps the idle one).
 
 The disk's rates are dated and measured again when a plan is made more than
-``DISK_MAX_AGE_SECONDS`` after them (:func:`refresh_disk`): on a shared VM they change
-2x within hours, and the rest do not.
+``DISK_MAX_AGE_SECONDS`` after them (:func:`refresh_disk`): on a shared VM they swing
+2x within hours, the compute rates by 10-15%.
 
 The cache lives in ``$FLEXGRAPH_CACHE/calibration/<machine>.json``; the machine key is
 the CPU model, core count, RAM, device and torch version.  ``--recalibrate`` redoes it.
@@ -41,7 +41,8 @@ Each measurement repeats until it has run for a minimum time and keeps the best 
 few repeats (this is a shared machine: the best is the least disturbed) — except the
 layer timings, which keep the median of rounds interleaved over half a minute (their
 best-of-two swung 2-3x between calibrations, five rounds back to back 0.88-1.22x; see
-:func:`measure_layers`).
+:func:`measure_layers`), and the disk's reads, which are all bytes over all the time of
+3 s of reads (:func:`measure_disk`).
 """
 
 from __future__ import annotations
