@@ -203,10 +203,10 @@ def test_may_use_disk_when_weights_and_the_whole_cache_exceed_memory():
     opt = ModelSpec.from_hf_config(builtin_config("opt-6.7b"))
     gib = 1 << 30
     work = Workload(128, 128, 16)
-    # 13.3 GB of bfloat16 weights: not in 8 GiB, in 64 GiB with the 2.4 GB cache
+    # 13.3 GB of bfloat16 weights: not in 8 GiB; in 64 GiB with the 9.7 GB cache (128 x 144 tokens)
     assert may_use_disk(opt, work, {"cpu_mem": 8 * gib}, Knobs(), 2)
     assert not may_use_disk(opt, work, {"cpu_mem": 64 * gib}, Knobs(), 2)
-    # the cache counts: 64 x as many prompts' cache (150 GB) does not fit 64 GiB
+    # the cache counts: 64 x as many prompts' cache (618 GB) does not fit 64 GiB
     assert may_use_disk(opt, Workload(128 * 64, 128, 16), {"cpu_mem": 64 * gib}, Knobs(), 2)
     # a GPU's memory counts with the host's
     assert not may_use_disk(opt, work, {"cpu_mem": 8 * gib, "gpu_mem": 56 * gib}, Knobs(), 2)
