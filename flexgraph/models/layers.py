@@ -255,14 +255,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask, scale:
     """
     n, nh, s, d = q.shape
     nkv = k.shape[1]
-    if nkv == nh:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.tensor, is_causal=mask.causal, scale=scale)
-    if s == 1 and not mask.causal:      # the mask [n, 1, 1, T] holds for every row of a group
+    if nkv != nh and s == 1 and not mask.causal:    # the mask [n, 1, 1, T] holds for every row of a group
         rows = q.reshape(n, nkv, nh // nkv, d)
         o = F.scaled_dot_product_attention(rows, k, v, attn_mask=mask.tensor, scale=scale)
         return o.reshape(n, nh, 1, d)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.tensor, is_causal=mask.causal, scale=scale,
-                                          enable_gqa=True)
+                                          enable_gqa=nkv != nh)
 
 
 def attention_output(spec: ModelSpec, w: Weights, o: torch.Tensor, b: int, s: int) -> torch.Tensor:

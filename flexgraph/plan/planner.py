@@ -89,7 +89,7 @@ def may_use_disk(spec: ModelSpec, workload: Workload, hardware: dict, knobs: Kno
     there, or (searched) the weights and the whole workload's KV cache do not fit the
     memory tiers.  A plan that cannot reach the disk needs no fresh disk rates."""
     if knobs.percent is not None:
-        return any(knobs.percent[i] + knobs.percent[i + 1] < 100 for i in (0, 2, 4))
+        return any(Split(*knobs.percent[i:i + 2]).disk > 0 for i in (0, 2, 4))
     memory = sum(hardware.get(tier) or 0 for tier in ("gpu_mem", "cpu_mem"))
     tokens = workload.num_prompts * (workload.prompt_len + workload.gen_len)
     cache = spec.num_blocks * spec.kv_bytes_per_token(itemsize) * tokens
