@@ -534,8 +534,9 @@ LAYER_ROUNDS = 5                  # at least this many rounds of every point ...
 LAYER_MIN_SPAN_SECONDS = 30.0     # ... and more until the rounds span this long (measure_layers) ...
 LAYER_MAX_ROUNDS = 25             # ... but no more than this many
 LAYER_ROUND_SECONDS = 0.1         # one round of one point runs at least this long
-LAYER_TIMING = 3                  # in the layers' cache key: 2 = rounds interleaved over a span (was back to
-                                  # back), 3 = a table per phase and kind
+LAYER_TIMING = 4                  # in the layers' cache key: 2 = rounds interleaved over a span (was back to
+                                  # back), 3 = a table per phase and kind, 4 = timed with one OpenMP team
+                                  # (_in_thread)
 # Cycle through this much weight memory, and as much KV cache, when timing a layer: a
 # run streams every layer's weights and every batch's cache from DRAM, and a timing
 # that reuses a few copies would find them in the last-level cache (105 MiB on this
@@ -768,22 +769,28 @@ class _CachePool:
 
 
 def _in_thread(fn, *args):
-    """Run ``fn`` on a fresh thread, as the executor's compute lane runs the maths: a
-    thread other than the one that loaded torch gets its own OpenMP team, which is
-    measurably slower here than the main thread's — the estimate should see that."""
+    """Run ``fn`` on a fresh thread, as the executor's compute lane runs the maths: with
+    this thread's OpenMP thread count, while this thread has given its own team back
+    (:mod:`flexgraph.exec.openmp`; with two teams on two cores every kernel waited for a
+    wake-up, and the layers timed that way ran 1.3-1.8x slower at SmolLM2's decode)."""
     import threading
+
+    from flexgraph.exec.openmp import cores_to_the_compute_lane, set_thread_team
     result: list = []
     failure: list = []
+    threads = torch.get_num_threads()
 
     def target():
         try:
+            set_thread_team(threads)
             result.append(fn(*args))
         except BaseException as e:      # re-raised in the caller
             failure.append(e)
 
     t = threading.Thread(target=target, name="flexgraph-calibrate")
-    t.start()
-    t.join()
+    with cores_to_the_compute_lane():
+        t.start()
+        t.join()
     if failure:
         raise failure[0]
     return result[0]

@@ -36,6 +36,7 @@ from flexgraph.exec.diskio import DiskIO
 from flexgraph.exec.homes import Tiers, load_weight_homes, make_cache_homes
 from flexgraph.exec.lanes import Completion, Lane, LaneStopped
 from flexgraph.exec.memory import MemoryManager
+from flexgraph.exec.openmp import cores_to_the_compute_lane
 from flexgraph.exec.nodes import RUNNERS, BatchInputs, RunState
 from flexgraph.graph.builder import COMPUTE, KINDS, make_sizes, part_of, scratch_homes
 from flexgraph.log import get_logger
@@ -188,7 +189,11 @@ class Executor:
                         self.plan.workload.prompt_len, self.tiers.torch_device(self.tiers.compute_tier))
                 log.info("compiled", seconds=round(time.perf_counter() - t_compile, 1))
             lane_device = "cuda" if self.device == "cuda" else "cpu"
-            self.lanes = {name: Lane(name, lane_device, trace=True) for name in LANES}
+            # the maths get this thread's OpenMP thread count, the copies one thread each
+            # (flexgraph.exec.openmp: more teams than cores make every kernel wait)
+            threads = torch.get_num_threads()
+            self.lanes = {name: Lane(name, lane_device, trace=True, threads=threads if name == COMPUTE else 1)
+                          for name in LANES}
         except BaseException:
             self.close()
             raise
@@ -225,8 +230,12 @@ class Executor:
         ``deps`` index the order in which they were fed); the block ends when the feed
         is closed and everything fed has finished.
         """
+        assert self.state is not None, "call setup() first"
+        with cores_to_the_compute_lane():       # this thread dispatches; the compute lane computes
+            return await self._run_block(batches, on_compute, feed)
+
+    async def _run_block(self, batches: list[BatchInputs], on_compute, feed: NodeFeed | None) -> BlockOutput:
         st = self.state
-        assert st is not None, "call setup() first"
         st.new_block(batches)
         loop = asyncio.get_running_loop()
         source = feed if feed is not None else _iterate(self.nodes)

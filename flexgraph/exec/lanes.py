@@ -5,7 +5,8 @@ A lane runs its items strictly in submission order, each once the items it depen
 events.  On the CPU a lane is a worker thread; on CUDA the worker thread also enters the
 lane's stream, so the kernels and copies it launches queue on that stream; it records
 an event after each item (dependants on other streams wait on it) and waits for it, so
-an item counts as done only once the device has finished it.
+an item counts as done only once the device has finished it.  ``threads`` sizes the
+worker thread's OpenMP team for PyTorch's CPU kernels (:mod:`flexgraph.exec.openmp`).
 
 State (plain data): ``queue`` (pending items), ``busy`` seconds, ``items`` done, and
 ``spans`` [(start, end, label)] when tracing.  ``statistics()`` is a cheap snapshot.
@@ -24,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
+
+from flexgraph.exec.openmp import set_thread_team
 
 
 class LaneStopped(Exception):
@@ -86,9 +89,10 @@ class LaneStatistics:
 class Lane:
     """An in-order worker.  ``device`` "cuda" gives the lane its own CUDA stream."""
 
-    def __init__(self, name: str, device: str = "cpu", trace: bool = False):
+    def __init__(self, name: str, device: str = "cpu", trace: bool = False, threads: int | None = None):
         self.name = name
         self.device = device
+        self.threads = threads
         self.stream = torch.cuda.Stream() if device == "cuda" else None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.busy = 0.0
@@ -105,6 +109,8 @@ class Lane:
         return done
 
     def _run(self) -> None:
+        if self.threads is not None:
+            set_thread_team(self.threads)
         while True:
             item = self._queue.get()
             if item is None:
