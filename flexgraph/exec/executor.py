@@ -36,8 +36,8 @@ from flexgraph.exec.diskio import DiskIO
 from flexgraph.exec.homes import Tiers, load_weight_homes, make_cache_homes
 from flexgraph.exec.lanes import Completion, Lane, LaneStopped
 from flexgraph.exec.memory import MemoryManager
-from flexgraph.exec.openmp import cores_to_the_compute_lane
 from flexgraph.exec.nodes import RUNNERS, BatchInputs, RunState
+from flexgraph.exec.openmp import cores_to_the_compute_lane
 from flexgraph.graph.builder import COMPUTE, KINDS, make_sizes, part_of, scratch_homes
 from flexgraph.log import get_logger
 from flexgraph.models.spec import ModelSpec
