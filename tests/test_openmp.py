@@ -83,7 +83,7 @@ def test_a_run_gives_the_compute_lane_the_team_and_the_rest_one_thread(tmp_path)
                      Knobs(2, 2, (0, 100, 0, 50, 0, 100), "zigzag", "float32"))
     prompts = synthetic_prompts(4, 6, store.spec.vocab_size)
     old = torch.get_num_threads()
-    main = 3                    # not what a lane or a fresh thread would have by default
+    main = 3                    # before 3aa17c0 every lane (and the dispatcher) ran with this count
     torch.set_num_threads(main)
     dispatcher = []
     try:

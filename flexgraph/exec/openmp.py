@@ -14,7 +14,7 @@ ran it in 116 µs.  The README's run (8 sequences) took 3.4 s against a 2.1 s es
 So while a block runs (:func:`cores_to_the_compute_lane`):
 
 - the compute lane's thread has the team, with the process's thread count
-  (:func:`set_thread_team`, from the lane's first item on);
+  (:func:`set_thread_team`, as the lane's thread starts);
 - the other lanes copy on one thread, so they never start a team;
 - the thread that runs the block (the asyncio dispatcher) gives its team back
   (:func:`release_thread_team`) and runs on one thread until the block ends.
