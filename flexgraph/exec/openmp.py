@@ -46,7 +46,8 @@ OMP_PAUSE_HARD = 2          # omp_pause_resource_t: free the resources, not just
 class OpenMPStatistics:
     runtime: str | None      # file name of the OpenMP library PyTorch loaded, or None
     team_size: int           # threads the calling thread's kernels use
-    os_threads: int          # threads of this process (OpenMP workers included)
+    thread_ids: frozenset[int]   # this process's threads, OpenMP workers included (ids: a count
+                                 # would not show a worker starting as another thread ends)
 
 
 @functools.cache
@@ -100,7 +101,7 @@ def cores_to_the_compute_lane() -> Iterator[None]:
 def statistics() -> OpenMPStatistics:
     rt = _runtime()
     try:
-        os_threads = len(os.listdir("/proc/self/task"))
+        thread_ids = frozenset(int(t) for t in os.listdir("/proc/self/task"))
     except OSError:
-        os_threads = 0
-    return OpenMPStatistics(rt[1] if rt else None, torch.get_num_threads(), os_threads)
+        thread_ids = frozenset()
+    return OpenMPStatistics(rt[1] if rt else None, torch.get_num_threads(), thread_ids)
