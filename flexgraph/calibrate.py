@@ -241,8 +241,11 @@ DISK_READ_ROUNDS = 3
 # 6 s gave 1.44 GB/s in all, where the median of three reads (the rate used to be that)
 # came out 1.2-3.0 from one probe to the next, and the runs read at 1.0-1.2.  A slow
 # read takes longer, so only the time-weighted rate says how long a run's reads take.
-# The probe file, just written, still reads up to 2x faster than a run's cold weight
-# store (2.6 GB/s at 13:20, the (c) run after it 1.0): timing the store is left to do.
+# The probe file, just written, often reads up to 2x faster than a run's cold weight
+# store (2.6 GB/s at 13:20, the (c) run after it 1.0).  Reading the store instead was
+# tried on 12-07 and left out: it read 1.2-2.5 GB/s minute to minute, (b)'s estimate
+# went from -7% to +12% with it, and in the run the weight and cache lanes read at once
+# (1.37 GB/s together) — see the README's disk bullet.
 DISK_READ_SECONDS = 3.0
 
 
