@@ -133,6 +133,69 @@ def test_worker_accelerate_checkpoint_mode(tiny_hf, tmp_path, capsys):
     assert r["device_bytes"].get("disk", 0) > 0
 
 
+def _small_disk(monkeypatch, free: int) -> None:
+    """The offload folder's disk as ``shutil.disk_usage`` reports it: ``free`` bytes free."""
+    real = peers.shutil.disk_usage
+    monkeypatch.setattr(peers.shutil, "disk_usage", lambda path: real(path)._replace(free=free))
+
+
+@needs_accelerate
+def test_worker_accelerate_auto_copies_to_the_folder_where_it_fits(tiny_hf, tmp_path, capsys):
+    off = tmp_path / "offload"
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_hf), "--batch", "2", "--prompt-len", "8",
+                              "--gen-len", "3", "--max-memory", "40000", "--offload-folder", str(off)])
+    _check_result(r, 2, 3)
+    assert r["offload"] == "folder" and "offload_why" not in r
+    assert r["offload_folder_bytes"] >= r["device_bytes"]["disk"] > 0
+
+
+@needs_accelerate
+def test_worker_accelerate_auto_reads_the_checkpoint_where_the_copy_would_fill_the_disk(
+        tiny_hf, tmp_path, capsys, monkeypatch):
+    """Llama-3.1-8B's copy filled this machine's disk and the worker died of SIGBUS:
+    ``auto`` sees that coming and reads the checkpoint in place instead."""
+    _small_disk(monkeypatch, peers.OFFLOAD_ROOM_SLACK)              # room for the slack, none for the copy
+    off = tmp_path / "offload"
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_hf), "--batch", "2", "--prompt-len", "8",
+                              "--gen-len", "3", "--max-memory", "40000", "--offload-folder", str(off)])
+    _check_result(r, 2, 3)
+    assert r["offload"] == "checkpoint"
+    assert "needs" in r["offload_why"] and "free" in r["offload_why"]
+    assert r["device_bytes"].get("disk", 0) > 0                       # still offloaded, from the checkpoint
+    assert not [p for p in off.rglob("*") if p.is_file()]             # nothing copied
+
+
+@needs_accelerate
+def test_worker_accelerate_folder_that_cannot_fit_fails_in_one_line(tiny_hf, tmp_path, capsys, monkeypatch):
+    _small_disk(monkeypatch, 0)
+    off = tmp_path / "offload"
+    code = peers.main(["worker", "--threads", "1", "--peer", "accelerate", "--model-dir", str(tiny_hf),
+                       "--batch", "1", "--prompt-len", "8", "--gen-len", "2", "--max-memory", "40000",
+                       "--offload", "folder", "--offload-folder", str(off)])
+    r = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
+    assert code == 1 and r["ok"] is False and r["oom"] is False
+    assert "needs" in r["reason"] and "--offload checkpoint" in r["reason"] and "\n" not in r["reason"]
+    assert not [p for p in off.rglob("*") if p.is_file()]
+
+
+def test_offload_mode():
+    slack, folder = peers.OFFLOAD_ROOM_SLACK, Path("/x")
+    assert peers.offload_mode("auto", 10, 10 + slack, folder) == ("folder", None)
+    mode, why = peers.offload_mode("auto", 11, 10 + slack, folder)
+    assert mode == "checkpoint" and "/x" in why
+    assert peers.offload_mode("checkpoint", 11, 0, folder) == ("checkpoint", None)
+    assert peers.offload_mode("folder", 10, 10 + slack, folder) == ("folder", None)
+    with pytest.raises(RuntimeError, match="--offload checkpoint"):
+        peers.offload_mode("folder", 11, 10 + slack, folder)
+
+
+def test_exit_reason_names_the_signal():
+    bus = peers.exit_reason(-7, "loading weights")
+    assert "SIGBUS" in bus and "disk full" in bus and bus.endswith("loading weights")
+    assert peers.exit_reason(-9, "") == "worker killed by SIGKILL: no output"
+    assert peers.exit_reason(3, "boom") == "worker exited with 3: boom"
+
+
 @needs_accelerate
 def test_budget_is_derived_from_the_cap(tiny_hf, capsys):
     cap = 3 << 30

@@ -249,7 +249,7 @@ def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: fl
     top = peers.best(results)
     return Row(sc.name, system or peer, top["throughput"] if top else None,
                {"best_batch": top["batch"] if top else None, "dtype": dtype, "checkpoint": checkpoint or dtype,
-                "sweep": results})
+                "offload": top.get("offload") if top else None, "sweep": results})
 
 
 def peer_dtypes(asked: str, planned: str) -> list[str]:
@@ -298,7 +298,8 @@ def markdown(report: dict[str, Any]) -> str:
             else:
                 ckpt = d.get("checkpoint")
                 stored = f" (checkpoint {ckpt})" if ckpt and ckpt != d.get("dtype") else ""
-                note = f"{d.get('dtype', 'bfloat16')}{stored}, best batch {d.get('best_batch')}"
+                offload = f", offload {d['offload']}" if d.get("offload") else ""
+                note = f"{d.get('dtype', 'bfloat16')}{stored}, best batch {d.get('best_batch')}{offload}"
             lines.append(f"| {sc_name} | {r['system']} | {tp:.2f} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | {note} |" if tp is not None else
                          f"| {sc_name} | {r['system']} | — | | {note} |")

@@ -39,8 +39,17 @@ The two peers (both ``model.generate``, bfloat16 by default, KV cache in RAM)
                    evicts (and re-reads) under the cap.  Measured on OPT-1.3B under 3 GiB
                    (prompt 512, gen 32) it was slower than ``folder`` (batch 1: 0.77 vs
                    1.55 tok/s; batch 8: 1.68 vs 1.91 tok/s), hence the default.
-                   Both keep weights on disk; the JSON line reports how many bytes the
-                   device map put on "cpu" and on "disk" and what the folder holds.
+                   ``auto`` (default) — ``folder`` where its copy fits on the offload
+                   folder's disk with ``OFFLOAD_ROOM_SLACK`` to spare, else
+                   ``checkpoint``.  Llama-3.1-8B maps ~10 GB to disk under 8 GiB; with
+                   13 GB free here the copy filled the disk, and writing the next
+                   weight through numpy's memmap killed the worker with SIGBUS (reported
+                   as an OOM kill until 12-07).  ``folder`` given explicitly fails with a
+                   one-line error instead of trying.
+                   All keep weights on disk; the JSON line reports the mode used
+                   (``offload``, with ``offload_why`` where ``auto`` fell back), how many
+                   bytes the device map put on "cpu" and on "disk" and what the folder
+                   holds.
 
     The Accelerate weight budget is derived from the cap, not guessed: the worker
     measures its own RSS after importing torch/transformers/accelerate and reading the
@@ -135,8 +144,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 PEERS = ("transformers", "accelerate")
-OFFLOAD_MODES = ("folder", "checkpoint")
-DEFAULT_OFFLOAD = "folder"     # measured faster here (see the module docstring)
+OFFLOAD_MODES = ("auto", "folder", "checkpoint")
+DEFAULT_OFFLOAD = "auto"       # folder (measured faster here) where its copy fits on the disk
+# room left on the offload folder's disk beyond the copy: the checkpoint's page cache,
+# index.json, and whatever else writes there meanwhile
+OFFLOAD_ROOM_SLACK = 1 << 30
 RESULT_FIELDS = ("peer", "batch", "prompt_len", "gen_len", "prefill_s", "decode_s", "total_s",
                  "throughput", "peak_rss", "ok")
 SHARD_BYTES = 1 << 30
@@ -389,9 +401,27 @@ def _folder_bytes(folder: Path | None) -> int:
     return sum(p.stat().st_size for p in _files_under(folder, ("",)))
 
 
-def _device_bytes(model) -> dict[str, int]:
-    """Parameter bytes per device-map entry ("cpu", "disk")."""
-    dmap = getattr(model, "hf_device_map", None) or {"": "cpu"}
+def offload_mode(asked: str, disk_bytes: int, free_bytes: int, folder: Path) -> tuple[str, str | None]:
+    """``(mode, why)``: the Accelerate offload mode to use for ``asked`` when the device
+    map puts ``disk_bytes`` of weights on disk and the offload folder's disk has
+    ``free_bytes`` free — ``folder`` copies them there, ``checkpoint`` reads the
+    checkpoint in place.  ``why`` says why ``auto`` chose ``checkpoint``; an explicit
+    ``folder`` that does not fit raises, before the copy fills the disk."""
+    if asked == "checkpoint" or disk_bytes + OFFLOAD_ROOM_SLACK <= free_bytes:
+        return ("folder" if asked == "auto" else asked), None
+    from flexgraph.sizes import format_size
+    short = (f"the offload folder {folder} needs {format_size(disk_bytes)} for the weights mapped to disk "
+             f"(+{format_size(OFFLOAD_ROOM_SLACK)} to spare) and its disk has {format_size(free_bytes)} free")
+    if asked == "folder":
+        raise RuntimeError(f"{short}: free space, pass --offload-folder on a bigger disk, or use "
+                           f"--offload checkpoint (reads the checkpoint in place)")
+    return "checkpoint", short
+
+
+def _device_bytes(model, dmap: dict[str, Any] | None = None) -> dict[str, int]:
+    """Parameter bytes per device-map entry ("cpu", "disk") of ``dmap`` (default: the
+    model's own ``hf_device_map``)."""
+    dmap = dmap or getattr(model, "hf_device_map", None) or {"": "cpu"}
     out: dict[str, int] = {}
     params = dict(model.named_parameters())
     # meta tensors still know their shape and dtype
@@ -432,6 +462,7 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
     with init_empty_weights():
         meta = AutoModelForCausalLM.from_config(config, dtype=dtype)
     largest = _largest_layer_bytes(meta)
+    no_split = list(getattr(meta, "_no_split_modules", None) or [])
     base = _rss()
     need = estimate_run_bytes(config, args.batch, args.prompt_len, args.gen_len, dtype.itemsize,
                               attn=str(getattr(meta.config, "_attn_implementation", None) or "sdpa"))
@@ -444,21 +475,29 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
         raise SystemExit("peers worker: the accelerate peer needs --cap or --max-memory")
     budget = max(budget, 0)
     info.update(base_rss=base, kv_bytes=need["kv"], act_bytes=need["act"], slack_bytes=slack,
-                largest_layer_bytes=largest, max_memory=budget, offload=args.offload)
+                largest_layer_bytes=largest, max_memory=budget)
     max_memory = {"cpu": budget}
     folder = Path(args.offload_folder)
     folder.mkdir(parents=True, exist_ok=True)
     info["offload_folder"] = str(folder)
 
-    if args.offload == "checkpoint":
+    mode, dmap = args.offload, None
+    if mode != "checkpoint":
+        from accelerate import infer_auto_device_map
+        meta.tie_weights()
+        dmap = infer_auto_device_map(meta, max_memory={**max_memory, "disk": 1 << 50},
+                                     no_split_module_classes=no_split, dtype=dtype)
+        mode, why = offload_mode(mode, _device_bytes(meta, dmap).get("disk", 0), shutil.disk_usage(folder).free,
+                                 folder)
+        if why:
+            info["offload_why"] = why
+    info["offload"] = mode
+
+    if mode == "checkpoint":
         model = AutoModelForCausalLM.from_pretrained(args.model_dir, device_map="auto", max_memory=max_memory,
                                                      offload_folder=str(folder), dtype=dtype)
     else:
-        from accelerate import infer_auto_device_map, load_checkpoint_and_dispatch
-        meta.tie_weights()
-        no_split = list(getattr(meta, "_no_split_modules", None) or [])
-        dmap = infer_auto_device_map(meta, max_memory={**max_memory, "disk": 1 << 50},
-                                     no_split_module_classes=no_split, dtype=dtype)
+        from accelerate import load_checkpoint_and_dispatch
         if set(dmap.values()) == {"disk"}:
             # accelerate's load_state_dict hands a single-device map's device to
             # safetensors, which rejects "disk": map each module with parameters
@@ -620,6 +659,22 @@ def _tail(data: bytes | None, n: int = 1) -> str:
     return " | ".join(lines[-n:])[:500]
 
 
+def exit_reason(returncode: int, last_line: str) -> str:
+    """Why a worker that printed no result ended: its signal by name (a SIGBUS comes from a
+    memory-mapped file the kernel could not back, most often a full disk under numpy's
+    memmap in the offload folder), or its exit code, and its last line of stderr."""
+    if returncode < 0:
+        import signal
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (a memory-mapped file could not be backed: is the offload folder's disk full?)" \
+            if name == "SIGBUS" else ""
+        return f"worker killed by {name}{hint}: {last_line or 'no output'}"
+    return f"worker exited with {returncode}: {last_line or 'no output'}"
+
+
 def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_len: int, cap_bytes: int,
             dtype: str = "bfloat16", *, max_memory: int | None = None, offload: str = DEFAULT_OFFLOAD,
             timeout: float | None = None, seed: int = 0, threads: int | None = None,
@@ -657,7 +712,7 @@ def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_l
                                                 f"peak {format_size(r.peak_bytes or 0)})")
     elif line is None or r.returncode != 0:
         res["ok"] = False
-        res.setdefault("reason", f"worker exited with {r.returncode}: {_tail(r.stderr) or 'no output'}")
+        res.setdefault("reason", exit_reason(r.returncode, _tail(r.stderr)))
         res.setdefault("oom", _is_oom_message(_tail(r.stderr, 5)))
     else:
         res.setdefault("oom", False)
