@@ -39,13 +39,15 @@ The two peers (both ``model.generate``, bfloat16 by default, KV cache in RAM)
                    evicts (and re-reads) under the cap.  Measured on OPT-1.3B under 3 GiB
                    (prompt 512, gen 32) it was slower than ``folder`` (batch 1: 0.77 vs
                    1.55 tok/s; batch 8: 1.68 vs 1.91 tok/s), hence the default.
-                   ``auto`` (default) — ``folder`` where its copy fits on the offload
-                   folder's disk with ``OFFLOAD_ROOM_SLACK`` to spare, else
-                   ``checkpoint``.  Llama-3.1-8B maps ~10 GB to disk under 8 GiB; with
-                   13 GB free here the copy filled the disk, and writing the next
-                   weight through numpy's memmap killed the worker with SIGBUS (reported
-                   as an OOM kill until 12-07).  ``folder`` given explicitly fails with a
-                   one-line error instead of trying.
+                   ``auto`` (default) — ``folder`` where what it writes fits on the
+                   offload folder's disk with ``OFFLOAD_ROOM_SLACK`` to spare, else
+                   ``checkpoint``.  ``folder`` writes every weight while loading: the
+                   disk-mapped ones to stay, the cpu-mapped ones staged by
+                   ``offload_state_dict`` and read back.  Llama-3.1-8B's 16 GB did not
+                   fit in the 13-14 GB free here: writing the next weight through numpy's
+                   memmap killed the worker with SIGBUS (reported as an OOM kill until
+                   12-07).  ``folder`` given explicitly fails with a one-line error
+                   instead of trying.
                    All keep weights on disk; the JSON line reports the mode used
                    (``offload``, with ``offload_why`` where ``auto`` fell back), how many
                    bytes the device map put on "cpu" and on "disk" and what the folder
@@ -401,16 +403,16 @@ def _folder_bytes(folder: Path | None) -> int:
     return sum(p.stat().st_size for p in _files_under(folder, ("",)))
 
 
-def offload_mode(asked: str, disk_bytes: int, free_bytes: int, folder: Path) -> tuple[str, str | None]:
-    """``(mode, why)``: the Accelerate offload mode to use for ``asked`` when the device
-    map puts ``disk_bytes`` of weights on disk and the offload folder's disk has
-    ``free_bytes`` free — ``folder`` copies them there, ``checkpoint`` reads the
-    checkpoint in place.  ``why`` says why ``auto`` chose ``checkpoint``; an explicit
-    ``folder`` that does not fit raises, before the copy fills the disk."""
-    if asked == "checkpoint" or disk_bytes + OFFLOAD_ROOM_SLACK <= free_bytes:
+def offload_mode(asked: str, copy_bytes: int, free_bytes: int, folder: Path) -> tuple[str, str | None]:
+    """``(mode, why)``: the Accelerate offload mode to use for ``asked`` when ``folder``
+    mode would write ``copy_bytes`` and the offload folder's disk has ``free_bytes``
+    free — ``folder`` copies weights there, ``checkpoint`` reads the checkpoint in
+    place.  ``why`` says why ``auto`` chose ``checkpoint``; an explicit ``folder`` that
+    does not fit raises, before the copy fills the disk."""
+    if asked == "checkpoint" or copy_bytes + OFFLOAD_ROOM_SLACK <= free_bytes:
         return ("folder" if asked == "auto" else asked), None
     from flexgraph.sizes import format_size
-    short = (f"the offload folder {folder} needs {format_size(disk_bytes)} for the weights mapped to disk "
+    short = (f"the offload folder {folder} needs {format_size(copy_bytes)} while loading "
              f"(+{format_size(OFFLOAD_ROOM_SLACK)} to spare) and its disk has {format_size(free_bytes)} free")
     if asked == "folder":
         raise RuntimeError(f"{short}: free space, pass --offload-folder on a bigger disk, or use "
@@ -487,7 +489,11 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
         meta.tie_weights()
         dmap = infer_auto_device_map(meta, max_memory={**max_memory, "disk": 1 << 50},
                                      no_split_module_classes=no_split, dtype=dtype)
-        mode, why = offload_mode(mode, _device_bytes(meta, dmap).get("disk", 0), shutil.disk_usage(folder).free,
+        # the folder gets the disk-mapped weights, and while loading the cpu-mapped ones
+        # too: offload_state_dict stages them on disk (a mkdtemp under TMPDIR, which
+        # run_one points at the same disk) and reads them back
+        placed = _device_bytes(meta, dmap)
+        mode, why = offload_mode(mode, placed.get("disk", 0) + placed.get("cpu", 0), shutil.disk_usage(folder).free,
                                  folder)
         if why:
             info["offload_why"] = why
