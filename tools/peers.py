@@ -21,8 +21,8 @@ The two peers (both ``model.generate``, bfloat16 by default, KV cache in RAM)
                    from ``max_memory={"cpu": budget}`` (below); modules mapped to "disk"
                    hold meta tensors, and Accelerate's hooks read their weights from disk
                    before each forward of that module and drop them after.  Two ways to
-                   get there (``--offload``):
-                   ``folder`` (default) — Accelerate's own API: build the model on the
+                   get there, and ``auto`` to choose (``--offload``):
+                   ``folder`` — Accelerate's own API: build the model on the
                    meta device (``init_empty_weights``), ``infer_auto_device_map`` with
                    the budget, then ``load_checkpoint_and_dispatch(...,
                    offload_folder=...)``, which copies every disk-mapped weight into
@@ -38,15 +38,15 @@ The two peers (both ``model.generate``, bfloat16 by default, KV cache in RAM)
                    memory-mapped from the checkpoint, i.e. page cache that the kernel
                    evicts (and re-reads) under the cap.  Measured on OPT-1.3B under 3 GiB
                    (prompt 512, gen 32) it was slower than ``folder`` (batch 1: 0.77 vs
-                   1.55 tok/s; batch 8: 1.68 vs 1.91 tok/s), hence the default.
+                   1.55 tok/s; batch 8: 1.68 vs 1.91 tok/s), hence ``auto``'s first choice.
                    ``auto`` (default) — ``folder`` where what it writes fits on the
                    offload folder's disk with ``OFFLOAD_ROOM_SLACK`` to spare, else
                    ``checkpoint``.  ``folder`` writes every weight while loading: the
                    disk-mapped ones to stay, the cpu-mapped ones staged by
                    ``offload_state_dict`` and read back.  Llama-3.1-8B's 16 GB did not
-                   fit in the 13-14 GB free here: writing the next weight through numpy's
-                   memmap killed the worker with SIGBUS (reported as an OOM kill until
-                   12-07).  ``folder`` given explicitly fails with a one-line error
+                   fit in the 13-15 GB free here: writing the next weight through numpy's
+                   memmap killed the worker with SIGBUS (reported only as exit code -7
+                   before 12-07).  ``folder`` given explicitly fails with a one-line error
                    instead of trying.
                    All keep weights on disk; the JSON line reports the mode used
                    (``offload``, with ``offload_why`` where ``auto`` fell back), how many
