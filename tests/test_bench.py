@@ -58,3 +58,11 @@ def test_the_parts_table_lists_flexgraphs_parts_over_a_share_of_the_run(bench):
                                                         bench.COMPUTE_IDLE]
     assert lines[2] == "| b flexgraph | compute prefill mlp | 10.0 | 12.5 | -20% |"
     assert bench.parts_markdown({"scenarios": {}}) == ""
+
+
+def test_a_peer_row_is_named_by_what_differs_from_flexgraphs_run(bench):
+    assert bench.peer_system("accelerate", "bfloat16", "bfloat16", "contiguous") == "accelerate"
+    assert bench.peer_system("accelerate", "float32", "bfloat16", "contiguous") == "accelerate (float32)"
+    assert bench.peer_system("transformers", "bfloat16", "bfloat16", "as-is") == "transformers (head as shipped)"
+    assert bench.peer_system("accelerate", "float32", "bfloat16", "as-is") == \
+        "accelerate (float32, head as shipped)"

@@ -87,6 +87,42 @@ def test_worker_transformers(tiny_hf):
                  "--gen-len", "5", "--dtype", "bfloat16"])
     _check_result(r, 3, 5)
     assert r["peer"] == "transformers"
+    assert r["head_input"] == "contiguous"
+
+
+def test_worker_runs_the_head_as_shipped_when_asked(tiny_hf, capsys):
+    r = _worker_here(capsys, ["--peer", "transformers", "--model-dir", str(tiny_hf), "--batch", "2",
+                              "--prompt-len", "8", "--gen-len", "2", "--head-input", "as-is"])
+    _check_result(r, 2, 2)
+    assert r["head_input"] == "as-is"
+
+
+def _head_inputs(model, ids) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """The inputs the output head saw in one prefill forward (logits of the last position,
+    as generate asks for them), and the logits."""
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        with torch.inference_mode():
+            logits = model(input_ids=ids, logits_to_keep=1).logits
+    finally:
+        hook.remove()
+    return seen, logits
+
+
+def test_contiguous_head_input_gives_the_head_a_contiguous_input_and_the_same_logits():
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**TINY)).eval()
+    ids = torch.randint(3, TINY["vocab_size"], (3, 16))
+    shipped, want = _head_inputs(model, ids)
+    assert peers.contiguous_head_input(model)
+    given, got = _head_inputs(model, ids)
+    assert len(shipped) == len(given) == 1
+    assert given[0].shape == (3, 1, TINY["hidden_size"]) and given[0].is_contiguous()
+    # what the hook is for: transformers hands the head a [B, 1, H] view of [B, P, H]
+    # (batch stride P x H), which PyTorch's matmul does not fold into one product
+    assert shipped[0].stride()[0] == 16 * TINY["hidden_size"], "transformers no longer slices the prefill's head input"
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 needs_accelerate = pytest.mark.skipif(importlib.util.find_spec("accelerate") is None,

@@ -229,7 +229,7 @@ def _last_error(stderr: bytes | None) -> str:
 
 def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None,
              huge_pages: bool = False, dtype: str = "bfloat16", system: str | None = None,
-             checkpoint: str | None = None) -> Row:
+             checkpoint: str | None = None, head_input: str = "contiguous") -> Row:
     """The best batch of the peer's sweep, computing in ``dtype``, from a checkpoint in
     ``checkpoint`` (default: that same dtype), written here before the capped runs.
 
@@ -240,16 +240,26 @@ def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: fl
     such a CPU: Accelerate then keeps its offload folder in bfloat16 too (it writes the
     checkpoint's tensors as they are and converts each as it reads it: Llama-3.1-8B's
     folder held 14.1 GB for 28.3 GB of float32 parameters), so each step reads half the
-    bytes; it also needs no float32 copy of the model on disk."""
+    bytes; it also needs no float32 copy of the model on disk.
+
+    ``head_input``: see "The head's input" in ``tools/peers.py`` (``contiguous`` spares the
+    peer PyTorch's batch copies of ``lm_head`` in the prefill; ``as-is`` is as shipped)."""
     peers = _tool("peers")
     model_dir = peers.hf_folder(sc.model, dtype=checkpoint or dtype, progress=True)
     results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, dtype, timeout=timeout,
-                          huge_pages=huge_pages,
+                          huge_pages=huge_pages, head_input=head_input,
                           on_result=lambda r: print(json.dumps({"scenario": sc.name, **r}), file=sys.stderr))
     top = peers.best(results)
     return Row(sc.name, system or peer, top["throughput"] if top else None,
                {"best_batch": top["batch"] if top else None, "dtype": dtype, "checkpoint": checkpoint or dtype,
-                "offload": top.get("offload") if top else None, "sweep": results})
+                "offload": top.get("offload") if top else None, "head_input": head_input, "sweep": results})
+
+
+def peer_system(peer: str, dtype: str, planned: str, head_input: str) -> str:
+    """The row's name: the peer, with what differs from flexgraph's dtype and the default head."""
+    extra = [d for d in (dtype if dtype != planned else None,
+                         "head as shipped" if head_input == "as-is" else None) if d]
+    return f"{peer} ({', '.join(extra)})" if extra else peer
 
 
 def peer_dtypes(asked: str, planned: str) -> list[str]:
@@ -299,7 +309,8 @@ def markdown(report: dict[str, Any]) -> str:
                 ckpt = d.get("checkpoint")
                 stored = f" (checkpoint {ckpt})" if ckpt and ckpt != d.get("dtype") else ""
                 offload = f", offload {d['offload']}" if d.get("offload") else ""
-                note = f"{d.get('dtype', 'bfloat16')}{stored}, best batch {d.get('best_batch')}{offload}"
+                head = ", head input as shipped" if d.get("head_input") == "as-is" else ""
+                note = f"{d.get('dtype', 'bfloat16')}{stored}, best batch {d.get('best_batch')}{offload}{head}"
             lines.append(f"| {sc_name} | {r['system']} | {tp:.2f} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | {note} |" if tp is not None else
                          f"| {sc_name} | {r['system']} | — | | {note} |")
@@ -332,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-checkpoint", default=None,
                     help="dtype of the checkpoint the peers load (default: the one each computes in); "
                          "bfloat16 gives a float32 peer bfloat16 storage, as flexgraph's plan on such a CPU")
+    ap.add_argument("--peer-head-input", default="contiguous",
+                    help="comma-separated: contiguous (default: the peers' head gets a contiguous input, "
+                         "sparing them PyTorch's batch copies of lm_head), as-is (as shipped); a row per value")
     ap.add_argument("--num-prompts", type=int, default=None, help="override the scenarios' prompt counts")
     ap.add_argument("--peer-batches", type=_batch_list, default=None,
                     help="comma-separated batch sizes for the peers' sweep (default: each scenario's)")
@@ -344,6 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         print(f"error: unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
+        return 2
+    head_inputs = list(dict.fromkeys(h.strip() for h in args.peer_head_input.split(",") if h.strip()))
+    wrong = [h for h in head_inputs if h not in ("contiguous", "as-is")]
+    if wrong or not head_inputs:
+        print(f"error: unknown --peer-head-input {(wrong or [''])[0]!r}; choose from contiguous, as-is",
+              file=sys.stderr)
         return 2
     cg = _tool("cgroup_run")
     problem = cg.cgroup_problem()
@@ -371,8 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_peers:
                 dtypes = peer_dtypes(args.peer_dtype, planned)
                 rows += [run_peer(sc, peer, prompt_len, gen_len, args.timeout, args.peer_huge_pages, d,
-                                  peer if d == planned else f"{peer} ({d})", args.peer_checkpoint)
-                         for peer in sc.peers for d in dtypes]
+                                  peer_system(peer, d, planned, h), args.peer_checkpoint, h)
+                         for peer in sc.peers for d in dtypes for h in head_inputs]
             report["scenarios"][name] = {"note": sc.note, "cap": sc.cap, "model": sc.model,
                                          "workload": {"prompt_len": prompt_len, "gen_len": gen_len},
                                          "rows": [r.__dict__ for r in rows], "ratios": ratios(rows)}

@@ -91,6 +91,22 @@ Timing (both peers, one process per measurement, inside the cgroup)
     (``ru_maxrss``, including loading); the driver adds the cgroup's peak (which also
     counts page cache) as ``cgroup_peak``.
 
+The head's input (``--head-input``, default ``contiguous``): in the prefill, transformers
+feeds the output head ``hidden_states[:, -1:, :]`` (``logits_to_keep=1``), a [batch, 1,
+hidden] view whose batch stride is P x hidden.  PyTorch 2.13's ``matmul`` folds a 3-D
+input into one 2-D product only when its strides nest (pytorch/pytorch#186148), so this
+view goes to ``bmm`` with the weight expanded over the batch, and the CPU ``bmm`` copies
+it: ``batch`` copies of the whole ``lm_head`` weight.  Measured 12-07 on the avx512_bf16
+EPYC (``F.linear`` of that view against the same rows made contiguous): SmolLM2's
+[49152, 576] head at batch 32, prompt 512: 1611 ms vs 14 ms; a [16384, 4096] slice of
+Llama-3.1-8B's head at batch 8: 2400 ms vs 11 ms.  Llama-3.1-8B's whole head at batch 8
+asked for 8 GiB of copies (one 8016 MiB anonymous mapping): under the 8 GiB cap the
+Accelerate peer thrashed for good in that product at batch 8 and 16 before this.
+flexgraph's own head takes ``x[:, -1:].contiguous()``.  So by default the peers get the
+same: a forward pre-hook on the output embedding makes its input contiguous (one
+[batch, 1, hidden] copy; the logits are the same numbers).  ``--head-input as-is``
+measures the peers exactly as shipped; results record ``head_input``.
+
 Shared machines: each result records ``loadavg`` (1-minute load before and after the
 run), ``threads`` and ``OMP_WAIT_POLICY``.  With other processes on the cores, libgomp's
 spin-waiting makes PyTorch's default 2-thread runs collapse (SmolLM2 at load ~10:
@@ -151,6 +167,8 @@ DEFAULT_OFFLOAD = "auto"       # folder (measured faster here) where its copy fi
 # room left on the offload folder's disk beyond the copy: the checkpoint's page cache,
 # index.json, and whatever else writes there meanwhile
 OFFLOAD_ROOM_SLACK = 1 << 30
+HEAD_INPUTS = ("contiguous", "as-is")
+DEFAULT_HEAD_INPUT = "contiguous"     # see "The head's input" above
 RESULT_FIELDS = ("peer", "batch", "prompt_len", "gen_len", "prefill_s", "decode_s", "total_s",
                  "throughput", "peak_rss", "ok")
 SHARD_BYTES = 1 << 30
@@ -523,6 +541,21 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
     return model, info
 
 
+def contiguous_head_input(model) -> bool:
+    """Make the output head's input contiguous before its product (see "The head's input"
+    in the module docstring); False where the model has no output embedding."""
+    import torch
+    head = model.get_output_embeddings()
+    if head is None:
+        return False
+
+    def _contiguous(module, args):
+        return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+    head.register_forward_pre_hook(_contiguous)
+    return True
+
+
 def run_worker(args) -> dict[str, Any]:
     """Load, warm up, measure; returns the result dict (see the module docstring)."""
     t0 = time.perf_counter()
@@ -546,6 +579,10 @@ def run_worker(args) -> dict[str, Any]:
                               "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     model, info = _load(args, config, dtype)
     result.update(info)
+    head_input = getattr(args, "head_input", DEFAULT_HEAD_INPUT)
+    if head_input == "contiguous" and not contiguous_head_input(model):
+        head_input = "as-is (no output embedding)"
+    result["head_input"] = head_input
     result["load_s"] = round(time.perf_counter() - t0, 3)
     result["rss_after_load"] = _rss()
 
@@ -632,10 +669,10 @@ def _cgroup_run():
 def worker_command(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_len: int,
                    dtype: str = "bfloat16", cap_bytes: int | None = None, max_memory: int | None = None,
                    offload_folder: str | Path | None = None, offload: str = DEFAULT_OFFLOAD,
-                   seed: int = 0, threads: int | None = None) -> list[str]:
+                   seed: int = 0, threads: int | None = None, head_input: str = DEFAULT_HEAD_INPUT) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "worker", "--peer", peer, "--model-dir", str(model_dir),
            "--batch", str(batch), "--prompt-len", str(prompt_len), "--gen-len", str(gen_len), "--dtype", dtype,
-           "--seed", str(seed)]
+           "--seed", str(seed), "--head-input", head_input]
     if cap_bytes is not None:
         cmd += ["--cap", str(int(cap_bytes))]
     if max_memory is not None:
@@ -684,7 +721,8 @@ def exit_reason(returncode: int, last_line: str) -> str:
 def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_len: int, cap_bytes: int,
             dtype: str = "bfloat16", *, max_memory: int | None = None, offload: str = DEFAULT_OFFLOAD,
             timeout: float | None = None, seed: int = 0, threads: int | None = None,
-            drop_caches: bool = True, huge_pages: bool = False) -> dict[str, Any]:
+            drop_caches: bool = True, huge_pages: bool = False,
+            head_input: str = DEFAULT_HEAD_INPUT) -> dict[str, Any]:
     """One worker run in a fresh cgroup capped at ``cap_bytes``; never raises for the
     run's own failures (they come back with ``ok: false`` and a ``reason``)."""
     from flexgraph.sizes import format_size, parse_size
@@ -699,7 +737,7 @@ def run_one(peer: str, model_dir: str | Path, batch: int, prompt_len: int, gen_l
     scratch = Path(tempfile.mkdtemp(prefix="offload-", dir=peers_dir()))
     cmd = worker_command(peer, model_dir, batch, prompt_len, gen_len, dtype, cap_bytes=cap_bytes,
                          max_memory=max_memory, offload_folder=scratch / "offload" if peer == "accelerate" else None,
-                         offload=offload, seed=seed, threads=threads)
+                         offload=offload, seed=seed, threads=threads, head_input=head_input)
     env = {**os.environ, "TMPDIR": str(scratch), "THP_MEM_ALLOC_ENABLE": "1" if huge_pages else "0"}
     try:
         r = cg.run_capped(cmd, cap_bytes, capture_output=True, timeout=timeout, drop_caches=drop_caches, env=env)
@@ -729,7 +767,7 @@ def sweep(peer: str, model_dir: str | Path, batches: Sequence[int], prompt_len: 
           cap_bytes: int | str, dtype: str = "bfloat16", *, offload: str = DEFAULT_OFFLOAD,
           max_memory: int | None = None, timeout: float | None = None, seed: int = 0,
           threads: int | None = None, on_result: Callable[[dict], None] | None = None,
-          huge_pages: bool = False) -> list[dict[str, Any]]:
+          huge_pages: bool = False, head_input: str = DEFAULT_HEAD_INPUT) -> list[dict[str, Any]]:
     """Run ``peer`` for each batch size (ascending), each in a fresh capped subprocess.
     Failed runs are results with ``ok: false``; after the first out-of-memory batch the
     larger ones are not tried (a timeout or other failure does not stop the sweep)."""
@@ -738,7 +776,8 @@ def sweep(peer: str, model_dir: str | Path, batches: Sequence[int], prompt_len: 
     results = []
     for b in sorted(set(int(x) for x in batches)):
         res = run_one(peer, model_dir, b, prompt_len, gen_len, cap_bytes, dtype, max_memory=max_memory,
-                      offload=offload, timeout=timeout, seed=seed, threads=threads, huge_pages=huge_pages)
+                      offload=offload, timeout=timeout, seed=seed, threads=threads, huge_pages=huge_pages,
+                      head_input=head_input)
         results.append(res)
         if on_result is not None:
             on_result(res)
@@ -802,6 +841,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     w.add_argument("--offload", choices=OFFLOAD_MODES, default=DEFAULT_OFFLOAD)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    w.add_argument("--head-input", choices=HEAD_INPUTS, default=DEFAULT_HEAD_INPUT,
+                   help="contiguous: copy the head's [batch, 1, hidden] input first (avoids PyTorch's "
+                        "batch copies of lm_head); as-is: as shipped")
 
     p = sub.add_parser("prepare", help="make (or find) the Hugging Face folder of a model and print its path")
     p.add_argument("--model", required=True)
@@ -821,6 +863,8 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     s.add_argument("--timeout", type=float, help="seconds per run")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--threads", type=int, help="torch threads in the worker (default: torch's)")
+    s.add_argument("--head-input", choices=HEAD_INPUTS, default=DEFAULT_HEAD_INPUT,
+                   help="see the worker's --head-input")
     s.add_argument("--out", help="also append the JSON lines to this file")
     return ap.parse_args(argv)
 
@@ -850,7 +894,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     results = sweep(args.peer, folder, batches, args.prompt_len, args.gen_len, args.cap, args.dtype,
                     offload=args.offload, max_memory=args.max_memory, timeout=args.timeout, seed=args.seed,
-                    threads=args.threads, on_result=emit)
+                    threads=args.threads, on_result=emit, head_input=args.head_input)
     print()
     print(markdown_table(results))
     top = best(results)
