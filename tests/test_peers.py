@@ -214,6 +214,62 @@ def test_worker_accelerate_folder_that_cannot_fit_fails_in_one_line(tiny_hf, tmp
     assert not [p for p in off.rglob("*") if p.is_file()]
 
 
+TINY_OPT = dict(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4, vocab_size=256,
+                max_position_embeddings=128, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2,
+                eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_opt(tmp_path_factory) -> Path:
+    """A tiny OPT: its head is tied to the input embedding, and the checkpoint holds the
+    weight once (no lm_head.weight), as flexgraph's OPT folders do."""
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.OPTConfig(**TINY_OPT))
+    model.to(torch.bfloat16).save_pretrained(folder)
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys()
+    return folder
+
+
+@needs_accelerate
+def test_worker_accelerate_auto_reads_the_checkpoint_where_a_tied_head_is_mapped_to_disk(tiny_opt, tmp_path, capsys):
+    """(b)'s OPT-1.3B at batch 16 under 3 GiB: a budget of ~nothing maps all to disk, and
+    folder offload then failed with KeyError: 'lm_head.weight'."""
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_opt), "--batch", "2", "--prompt-len", "8",
+                              "--gen-len", "3", "--max-memory", "1", "--offload-folder", str(tmp_path / "off")])
+    _check_result(r, 2, 3)
+    assert r["offload"] == "checkpoint" and "tied" in r["offload_why"]
+    assert r["device_bytes"].get("disk", 0) > 0
+
+
+@needs_accelerate
+def test_worker_accelerate_folder_with_a_tied_head_on_disk_fails_in_one_line(tiny_opt, tmp_path, capsys):
+    code = peers.main(["worker", "--threads", "1", "--peer", "accelerate", "--model-dir", str(tiny_opt),
+                       "--batch", "1", "--prompt-len", "8", "--gen-len", "2", "--max-memory", "1",
+                       "--offload", "folder", "--offload-folder", str(tmp_path / "off")])
+    r = json.loads([ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("{")][-1])
+    assert code == 1 and r["ok"] is False
+    assert "tied" in r["reason"] and "--offload checkpoint" in r["reason"] and "\n" not in r["reason"]
+
+
+@needs_accelerate
+def test_worker_accelerate_folder_serves_a_tied_head_kept_in_ram(tiny_opt, tmp_path, capsys):
+    r = _worker_here(capsys, ["--peer", "accelerate", "--model-dir", str(tiny_opt), "--batch", "2", "--prompt-len", "8",
+                              "--gen-len", "3", "--max-memory", "100000", "--offload-folder", str(tmp_path / "off")])
+    _check_result(r, 2, 3)
+    assert r["offload"] == "folder" and "offload_why" not in r
+
+
+def test_mapped_device():
+    dmap = {"model.decoder.embed_tokens": "cpu", "model.decoder.layers": "disk", "model.decoder.layers.0": "cpu"}
+    assert peers.mapped_device(dmap, "model.decoder.embed_tokens") == "cpu"
+    assert peers.mapped_device(dmap, "model.decoder.layers.0.fc1") == "cpu"
+    assert peers.mapped_device(dmap, "model.decoder.layers.10.fc1") == "disk"
+    assert peers.mapped_device(dmap, "model.decoder.layers_x") is None
+    assert peers.mapped_device({"": "disk"}, "lm_head") == "disk"
+
+
 def test_offload_mode():
     slack, folder = peers.OFFLOAD_ROOM_SLACK, Path("/x")
     assert peers.offload_mode("auto", 10, 10 + slack, folder) == ("folder", None)

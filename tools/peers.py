@@ -438,6 +438,26 @@ def offload_mode(asked: str, copy_bytes: int, free_bytes: int, folder: Path) -> 
     return "checkpoint", short
 
 
+def mapped_device(dmap: dict[str, Any], name: str) -> Any:
+    """The device ``dmap`` gives module ``name``: its longest entry naming the module or
+    one of its parents ("" is the whole model); None if none does."""
+    keys = [k for k in dmap if k == "" or name == k or name.startswith(k + ".")]
+    return dmap[max(keys, key=len)] if keys else None
+
+
+def tied_head_on_disk(model, dmap: dict[str, Any]) -> str | None:
+    """The output head's module name, where its weight is the input embedding's (tied,
+    as OPT's is) and ``dmap`` puts the head on disk; else None.  Accelerate's ``folder``
+    offload then fails: it writes the tied weight once, under the embedding's name, and
+    the head's hook asks the folder for ``<head>.weight`` (``KeyError: 'lm_head.weight'``
+    for (b)'s OPT-1.3B at batch 16 and 32 under 3 GiB, whose budget maps all to disk)."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or head.weight is not embed.weight:
+        return None
+    name = next(n for n, m in model.named_modules() if m is head)
+    return name if mapped_device(dmap, name) == "disk" else None
+
+
 def _device_bytes(model, dmap: dict[str, Any] | None = None) -> dict[str, int]:
     """Parameter bytes per device-map entry ("cpu", "disk") of ``dmap`` (default: the
     model's own ``hf_device_map``)."""
@@ -513,6 +533,14 @@ def _load(args, config, dtype) -> tuple[Any, dict[str, Any]]:
         placed = _device_bytes(meta, dmap)
         mode, why = offload_mode(mode, placed.get("disk", 0) + placed.get("cpu", 0), shutil.disk_usage(folder).free,
                                  folder)
+        head = tied_head_on_disk(meta, dmap) if mode == "folder" else None
+        if head:
+            why = (f"the head {head!r} is tied to the input embedding and mapped to disk: Accelerate's "
+                   f"folder offload writes the tied weight once, under the embedding's name, and the "
+                   f"head's hook then finds no {head}.weight (KeyError)")
+            if args.offload == "folder":
+                raise RuntimeError(f"{why}; use --offload checkpoint or a larger --max-memory")
+            mode = "checkpoint"
         if why:
             info["offload_why"] = why
     info["offload"] = mode
