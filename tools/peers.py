@@ -46,8 +46,11 @@ The two peers (both ``model.generate``, bfloat16 by default, KV cache in RAM)
                    ``offload_state_dict`` and read back.  Llama-3.1-8B's 16 GB did not
                    fit in the 13-15 GB free here: writing the next weight through numpy's
                    memmap killed the worker with SIGBUS (reported only as exit code -7
-                   before 12-07).  ``folder`` given explicitly fails with a one-line error
-                   instead of trying.
+                   before 12-07).  ``auto`` also reads the checkpoint where the device map
+                   puts a tied head (OPT's) on disk: ``folder`` writes the tied weight once,
+                   under the embedding's name, and the head's hook then finds no
+                   ``lm_head.weight`` (``KeyError``; (b) at batch 16 and 32).  ``folder``
+                   given explicitly fails with a one-line error instead of trying.
                    All keep weights on disk; the JSON line reports the mode used
                    (``offload``, with ``offload_why`` where ``auto`` fell back), how many
                    bytes the device map put on "cpu" and on "disk" and what the folder
@@ -105,7 +108,9 @@ Accelerate peer thrashed for good in that product at batch 8 and 16 before this.
 flexgraph's own head takes ``x[:, -1:].contiguous()``.  So by default the peers get the
 same: a forward pre-hook on the output embedding makes its input contiguous (one
 [batch, 1, hidden] copy; the logits are the same numbers).  ``--head-input as-is``
-measures the peers exactly as shipped; results record ``head_input``.
+measures the peers exactly as shipped; results record ``head_input``.  In (a)'s
+transformers run (SmolLM2, batch 32) it made no measurable difference, though the bare
+product lost 1.6 s at that shape; Accelerate's (b)-(d) gained (see the README).
 
 Shared machines: each result records ``loadavg`` (1-minute load before and after the
 run), ``threads`` and ``OMP_WAIT_POLICY``.  With other processes on the cores, libgomp's
