@@ -232,7 +232,7 @@ def _last_error(stderr: bytes | None) -> str:
 
 def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: float | None,
              huge_pages: bool = False, dtype: str = "bfloat16", system: str | None = None,
-             checkpoint: str | None = None, head_input: str = "contiguous") -> Row:
+             checkpoint: str | None = None, head_input: str | None = None) -> Row:
     """The best batch of the peer's sweep, computing in ``dtype``, from a checkpoint in
     ``checkpoint`` (default: that same dtype), written here before the capped runs.
 
@@ -248,6 +248,7 @@ def run_peer(sc: Scenario, peer: str, prompt_len: int, gen_len: int, timeout: fl
     ``head_input``: see "The head's input" in ``tools/peers.py`` (``contiguous`` spares the
     peer PyTorch's batch copies of ``lm_head`` in the prefill; ``as-is`` is as shipped)."""
     peers = _tool("peers")
+    head_input = head_input or peers.DEFAULT_HEAD_INPUT
     model_dir = peers.hf_folder(sc.model, dtype=checkpoint or dtype, progress=True)
     results = peers.sweep(peer, model_dir, sc.peer_batches, prompt_len, gen_len, sc.cap, dtype, timeout=timeout,
                           huge_pages=huge_pages, head_input=head_input,
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peer-checkpoint", default=None,
                     help="dtype of the checkpoint the peers load (default: the one each computes in); "
                          "bfloat16 gives a float32 peer bfloat16 storage, as flexgraph's plan on such a CPU")
-    ap.add_argument("--peer-head-input", default="contiguous",
+    ap.add_argument("--peer-head-input", default=_tool("peers").DEFAULT_HEAD_INPUT,
                     help="comma-separated: contiguous (default: the peers' head gets a contiguous input, "
                          "sparing them PyTorch's batch copies of lm_head), as-is (as shipped); a row per value")
     ap.add_argument("--num-prompts", type=int, default=None, help="override the scenarios' prompt counts")
@@ -363,9 +364,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown scenario {unknown[0]!r}; choose from {', '.join(SCENARIOS)}", file=sys.stderr)
         return 2
     head_inputs = list(dict.fromkeys(h.strip() for h in args.peer_head_input.split(",") if h.strip()))
-    wrong = [h for h in head_inputs if h not in ("contiguous", "as-is")]
+    known = _tool("peers").HEAD_INPUTS
+    wrong = [h for h in head_inputs if h not in known]
     if wrong or not head_inputs:
-        print(f"error: unknown --peer-head-input {(wrong or [''])[0]!r}; choose from contiguous, as-is",
+        print(f"error: unknown --peer-head-input {(wrong or [''])[0]!r}; choose from {', '.join(known)}",
               file=sys.stderr)
         return 2
     cg = _tool("cgroup_run")

@@ -471,10 +471,8 @@ def _device_bytes(model, dmap: dict[str, Any] | None = None) -> dict[str, int]:
     params = dict(model.named_parameters())
     # meta tensors still know their shape and dtype
     for name, p in params.items():
-        key = name
-        while key not in dmap and key:
-            key = key.rsplit(".", 1)[0] if "." in key else ""
-        dev = str(dmap.get(key, dmap.get("", "cpu")))
+        dev = mapped_device(dmap, name)
+        dev = "cpu" if dev is None else str(dev)
         out[dev] = out.get(dev, 0) + p.numel() * p.element_size()
     return out
 
@@ -612,7 +610,7 @@ def run_worker(args) -> dict[str, Any]:
                               "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE")}
     model, info = _load(args, config, dtype)
     result.update(info)
-    head_input = getattr(args, "head_input", DEFAULT_HEAD_INPUT)
+    head_input = args.head_input
     if head_input == "contiguous" and not contiguous_head_input(model):
         head_input = "as-is (no output embedding)"
     result["head_input"] = head_input
