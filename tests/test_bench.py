@@ -66,3 +66,22 @@ def test_a_peer_row_is_named_by_what_differs_from_flexgraphs_run(bench):
     assert bench.peer_system("transformers", "bfloat16", "bfloat16", "as-is") == "transformers (head as shipped)"
     assert bench.peer_system("accelerate", "float32", "bfloat16", "as-is") == \
         "accelerate (float32, head as shipped)"
+
+
+def test_the_prefill_ceiling_bounds_the_ratio_to_each_peer(bench):
+    # flexgraph's plan: 100 tok/s at best if the decode and every byte were free; a peer
+    # at 40 can be beaten 2.5x at most, whatever the plan
+    fg = bench.Row("b", "flexgraph", 30.0, {"ok": True, "prefill_ceiling": 100.0, "of_roofline": 0.9})
+    peer = bench.Row("b", "accelerate", 40.0, {"best_batch": 8, "dtype": "bfloat16"})
+    failed = bench.Row("b", "transformers", None, {"best_batch": None})
+    out = bench.ratios([fg, peer, failed])
+    assert out["ceiling/accelerate"] == pytest.approx(2.5)
+    assert out["flexgraph/accelerate"] == pytest.approx(0.75)
+    assert "ceiling/transformers" not in out and "ceiling/flexgraph" not in out
+    rows = [{"system": r.system, "throughput": r.throughput, "detail": r.detail} for r in (fg, peer)]
+    table = bench.markdown({"scenarios": {"b": {"rows": rows}}}).splitlines()
+    assert "prefill ceiling 100.0 tok/s" in table[2]
+    assert "the prefill ceiling is 2.50x this" in table[3]
+    # a plan from before the ceiling was recorded: no claim about it
+    fg.detail.pop("prefill_ceiling")
+    assert not any(k.startswith("ceiling/") for k in bench.ratios([fg, peer]))

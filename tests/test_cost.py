@@ -82,6 +82,27 @@ def test_roofline_names_the_busiest_resource():
     assert est.block_seconds >= roof.seconds
 
 
+def test_the_prefill_ceiling_is_the_prompts_products_alone():
+    # the same plan on a slow and a fast disk: the prefill's compute does not change, is
+    # below the block's compute (the decode's products come on top) and below the
+    # estimate on either disk (no plan is faster than its prompts' products)
+    graph, checked, slow = slow_disk_plan(1e7, Split(0, 0))
+    _, _, fast = slow_disk_plan(1e12, Split(0, 0))
+    roofs = [roofline(graph, checked, m) for m in (slow, fast)]
+    prefill = sum(slow.compute_time(a["j"], 8, 64, 64) for a in (graph.nodes[n] for n in checked.path)
+                  if a["kind"] == "compute" and a["i"] == 0)
+    assert prefill > 0
+    for m, roof in zip((slow, fast), roofs):
+        assert roof.prefill_compute == pytest.approx(prefill)
+        assert roof.prefill_compute < roof.resources["compute"] <= roof.seconds
+        assert simulate(graph, checked, m).block_seconds >= roof.prefill_compute
+    # the plan's estimate records it as throughput: 8 sequences x 4 tokens in that time
+    from flexgraph.plan.planner import plan_estimate
+    est = plan_estimate(graph, checked, slow, Workload(8, 64, 4), Policy.from_json(graph.graph["policy"]))
+    assert est["prefill_ceiling"]["throughput"] == pytest.approx(8 * 4 / prefill)
+    assert est["prefill_ceiling"]["throughput"] > est["roofline"]["throughput"] > est["throughput"]["total"]
+
+
 def test_loads_of_weights_and_cache_share_the_disk():
     # weights and cache both on a slow disk: their lanes may overlap, the disk may not,
     # so a block takes at least every disk byte at the disk's rate

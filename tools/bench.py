@@ -184,6 +184,11 @@ def run_flexgraph(sc: Scenario, prompt_len: int, gen_len: int, work: Path, compr
     if detail["roofline_seconds"]:
         detail["roofline_throughput"] = m["num_sequences"] * gen_len / detail["roofline_seconds"]
         detail["of_roofline"] = detail["roofline_seconds"] / measured
+    # The prefill ceiling: the throughput if the decode and every byte took no time, from
+    # the calibrated rates (the plan's estimate) and from this run's own prefill.
+    detail["prefill_ceiling"] = (est.get("prefill_ceiling") or {}).get("throughput")
+    if m["seconds"].get("prefill"):
+        detail["prefill_ceiling_measured"] = m["num_sequences"] * gen_len / m["seconds"]["prefill"]
     return Row(sc.name, system, m["throughput"]["total"], detail)
 
 
@@ -284,6 +289,9 @@ def ratios(rows: list[Row]) -> dict[str, Any]:
             out[f"flexgraph/{r.system}"] = fg.throughput / r.throughput
     if fg and fg.detail.get("of_roofline"):
         out["flexgraph/roofline"] = fg.detail["of_roofline"]
+    for r in rows:                        # the most any plan could beat each peer by
+        if not r.system.startswith("flexgraph") and r.throughput and fg and fg.detail.get("prefill_ceiling"):
+            out[f"ceiling/{r.system}"] = fg.detail["prefill_ceiling"] / r.throughput
     comp = next((r for r in rows if r.system == "flexgraph (4-bit)"), None)
     if comp and fg and comp.throughput and fg.throughput:
         out["4-bit/uncompressed"] = comp.throughput / fg.throughput
@@ -308,13 +316,16 @@ def markdown(report: dict[str, Any]) -> str:
                     f"estimate err {d['estimate_error']:+.0%}; " if d.get("estimate_error") is not None else "") + (
                     f"{d['of_roofline']:.0%} of roofline ({d.get('roofline_throughput', 0):.1f} tok/s, "
                     f"bound by {d.get('roofline_bound')})" if d.get("of_roofline") else "") + (
+                    f"; prefill ceiling {d['prefill_ceiling']:.1f} tok/s" if d.get("prefill_ceiling") else "") + (
                     f" FAILED: {d.get('reason')}" if not d.get("ok", True) else "")
             else:
                 ckpt = d.get("checkpoint")
                 stored = f" (checkpoint {ckpt})" if ckpt and ckpt != d.get("dtype") else ""
                 offload = f", offload {d['offload']}" if d.get("offload") else ""
                 head = ", head input as shipped" if d.get("head_input") == "as-is" else ""
-                note = f"{d.get('dtype', 'bfloat16')}{stored}, best batch {d.get('best_batch')}{offload}{head}"
+                ceiling = (fg or {}).get("detail", {}).get("prefill_ceiling")
+                most = f"; the prefill ceiling is {ceiling / tp:.2f}x this" if ceiling and tp else ""
+                note = f"{d.get('dtype', 'bfloat16')}{stored}, best batch {d.get('best_batch')}{offload}{head}{most}"
             lines.append(f"| {sc_name} | {r['system']} | {tp:.2f} | "
                          f"{'' if ratio is None else f'{ratio:.2f}x'} | {note} |" if tp is not None else
                          f"| {sc_name} | {r['system']} | — | | {note} |")

@@ -371,6 +371,11 @@ class Roofline:
     seconds: float                       # per block
     bound: str                           # "compute" or "src->dst"
     resources: dict[str, float]          # seconds each resource needs per block
+    # the prompts' products alone, per block: the block's time if the decode and every
+    # byte moved took none.  Every plan of the workload computes these products (other
+    # batch sizes differ only by their products' rates), so tokens / this is about the
+    # most throughput any plan can reach on this machine: the prefill ceiling.
+    prefill_compute: float = 0.0
 
 
 def roofline(graph: nx.DiGraph, checked: CheckedPath, model: CostModel) -> Roofline:
@@ -379,15 +384,18 @@ def roofline(graph: nx.DiGraph, checked: CheckedPath, model: CostModel) -> Roofl
     gbs = pol["gpu_batch_size"]
     prompt_len = graph.graph["workload"]["prompt_len"]
     need: dict[str, float] = {"compute": 0.0}
+    prefill = 0.0
     nodes = graph.nodes
     for node in checked.path:
         attrs = nodes[node]
         if attrs["kind"] == COMPUTE:
             new = prompt_len if attrs["i"] == 0 else 1
-            need["compute"] += model.compute_time(attrs["j"], gbs, new, prompt_len + attrs["i"])
+            t = model.compute_time(attrs["j"], gbs, new, prompt_len + attrs["i"])
+            need["compute"] += t
+            prefill += t if attrs["i"] == 0 else 0.0
         need["compute"] += model.io_cpu_time(attrs)
         for src, dst, nbytes in attrs["moves"]:
             link = "disk" if "disk" in (src, dst) else f"{src}->{dst}"    # reads and writes share the disk
             need[link] = need.get(link, 0.0) + nbytes / model.cal.bw(src, dst)
     bound = max(need, key=need.get)
-    return Roofline(need[bound], bound, need)
+    return Roofline(need[bound], bound, need, prefill)

@@ -62,4 +62,7 @@ def plan_summary(plan: Plan) -> str:
         out += (f"\n\nestimate   {tp['total']:.1f} tokens/s total (prefill {tp['prefill']:.1f}, decode "
                 f"{tp['decode']:.1f}), {est['total_seconds']:.2f} s; roofline {roof['throughput']:.1f} tokens/s, "
                 f"bound by {roof['bound']}")
+        ceiling = (est.get("prefill_ceiling") or {}).get("throughput")
+        if ceiling:             # plans from before it was recorded have none
+            out += f"; prefill ceiling {ceiling:.1f} tokens/s (the prompts' products alone)"
     return out
