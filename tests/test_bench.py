@@ -85,3 +85,10 @@ def test_the_prefill_ceiling_bounds_the_ratio_to_each_peer(bench):
     # a plan from before the ceiling was recorded: no claim about it
     fg.detail.pop("prefill_ceiling")
     assert not any(k.startswith("ceiling/") for k in bench.ratios([fg, peer]))
+
+
+def test_the_prefill_ceiling_is_the_higher_of_the_calibrated_and_the_run(bench):
+    assert bench.prefill_ceiling({"prefill_ceiling_calibrated": 7.4, "prefill_ceiling_measured": 8.3}) == 8.3
+    assert bench.prefill_ceiling({"prefill_ceiling_calibrated": 3.2, "prefill_ceiling_measured": 3.1}) == 3.2
+    assert bench.prefill_ceiling({"prefill_ceiling_measured": 8.3}) == 8.3      # a plan without an estimate
+    assert bench.prefill_ceiling({}) is None

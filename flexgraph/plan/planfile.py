@@ -15,7 +15,7 @@ Schema (``format: "flexgraph-plan"``, ``version: 1``)::
       "placement": {weights_achieved: {gpu, cpu, disk}, cache_rows: [g, c, d], act_rows: [g, c, d]},
       "residency": {capacity: {...}, home: {...}, peak: {...}},
       "chosen":    {"by": "user" | "auto" | "search", "notes": [...], "candidates": [...]},
-      "estimate":  {total_seconds, throughput, roofline, ...}   # with --search cost
+      "estimate":  {total_seconds, throughput, roofline, prefill_ceiling, ...}   # with --search cost
       "compile":   false                     # torch.compile the layer maths when executing
       "path":      [["c", i, j, k], ...]     # one entry per node, in order
     }
