@@ -13,6 +13,10 @@ before each run, see ``tools/cgroup_run.py``):
 - the **roofline** of the plan flexgraph ran: the time its bytes and FLOPs need at the
   calibrated rates with perfect overlap (``flexgraph.plan.cost.roofline``), and which
   resource bounds it;
+- the **prefill ceiling**: the throughput if the decode and every byte took no time (the
+  prompts' products alone; the higher of the calibrated and the run's own figure), and
+  how many times each peer's throughput it is: no plan passes it without running the
+  products faster, so a target ratio above it is out of reach on this machine;
 - the **cost model's estimate** for that plan, against the measurement — in total and
   part by part (:func:`estimate_parts`: node seconds by kind, phase and layer kind, and
   the compute lane's idle time), so a miss can be placed.

@@ -393,7 +393,7 @@ def plan_estimate(graph: nx.DiGraph, checked: CheckedPath, cost_model, workload:
                        "total": n * workload.gen_len / est.total_seconds},
         "roofline": {"block_seconds": roof.seconds, "bound": roof.bound, "resources": roof.resources,
                      "throughput": n * workload.gen_len / (roof.seconds * blocks)},
-        # the most any plan of this workload reaches here: the prompts' products alone
+        # about the most any plan of this workload reaches here: the prompts' products alone
         "prefill_ceiling": {"block_seconds": roof.prefill_compute,
                             "throughput": n * workload.gen_len / (roof.prefill_compute * blocks)
                             if roof.prefill_compute > 0 else None},
