@@ -296,15 +296,15 @@ def peer_dtypes(asked: str, planned: str) -> list[str]:
 
 def ratios(rows: list[Row]) -> dict[str, Any]:
     fg = next((r for r in rows if r.system == "flexgraph"), None)
+    ceiling = fg.detail.get("prefill_ceiling") if fg else None
     out = {}
     for r in rows:
         if r.system != "flexgraph" and fg and fg.throughput and r.throughput:
             out[f"flexgraph/{r.system}"] = fg.throughput / r.throughput
+        if ceiling and r.throughput and not r.system.startswith("flexgraph"):
+            out[f"ceiling/{r.system}"] = ceiling / r.throughput     # the most any plan beats this peer by
     if fg and fg.detail.get("of_roofline"):
         out["flexgraph/roofline"] = fg.detail["of_roofline"]
-    for r in rows:                        # the most any plan could beat each peer by
-        if not r.system.startswith("flexgraph") and r.throughput and fg and fg.detail.get("prefill_ceiling"):
-            out[f"ceiling/{r.system}"] = fg.detail["prefill_ceiling"] / r.throughput
     comp = next((r for r in rows if r.system == "flexgraph (4-bit)"), None)
     if comp and fg and comp.throughput and fg.throughput:
         out["4-bit/uncompressed"] = comp.throughput / fg.throughput

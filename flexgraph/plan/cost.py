@@ -389,10 +389,11 @@ def roofline(graph: nx.DiGraph, checked: CheckedPath, model: CostModel) -> Roofl
     for node in checked.path:
         attrs = nodes[node]
         if attrs["kind"] == COMPUTE:
-            new = prompt_len if attrs["i"] == 0 else 1
-            t = model.compute_time(attrs["j"], gbs, new, prompt_len + attrs["i"])
+            is_prefill = attrs["i"] == 0
+            t = model.compute_time(attrs["j"], gbs, prompt_len if is_prefill else 1, prompt_len + attrs["i"])
             need["compute"] += t
-            prefill += t if attrs["i"] == 0 else 0.0
+            if is_prefill:
+                prefill += t
         need["compute"] += model.io_cpu_time(attrs)
         for src, dst, nbytes in attrs["moves"]:
             link = "disk" if "disk" in (src, dst) else f"{src}->{dst}"    # reads and writes share the disk
